@@ -1,0 +1,123 @@
+"""Configuration of the CLOC encoder: a CLIP/SigLIP two-tower backbone plus the prompter and box head."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+BACKBONES = {
+    # vision model_type -> (backbone name, text model_type, has a CLS token, has projection layers)
+    "clip_vision_model": ("clip", "clip_text_model", True, True),
+    "siglip_vision_model": ("siglip", "siglip_text_model", False, False),
+}
+PROMPTER_POOLS = ("prompts", "all")
+TEXT_PROMPT_INPUTS = ("embedding", "pooled")
+BOX_HEAD_INPUTS = ("pooled", "embedding")
+CONTRASTIVE_LOSSES = ("softmax", "sigmoid")
+
+
+class CLOCConfig(PreTrainedConfig):
+    r"""Configuration of :class:`~cloc_encoder.CLOCModel`.
+
+    The backbone (``vision_config``/``text_config``) is an OpenAI-CLIP layout (``clip_vision_model`` +
+    ``clip_text_model``) or SigLIP (``siglip_vision_model`` + ``siglip_text_model``); the backbone kind is read from
+    ``vision_config.model_type``, never from a model name.
+
+    Prompter fields (paper: two sinusoidal corner tokens → one single-head transformer layer of ViT width over
+    ``[prompts; patch tokens]`` → global average pool → linear projection):
+
+    - ``prompter_pool``: what the average pool runs over: ``"prompts"`` (only the prompt positions; the default,
+      measured to learn region alignment far faster and allowing the shared key/value fast path) or ``"all"``.
+    - ``prompter_num_frequencies``: sinusoid frequencies per coordinate (``2·F`` features per coordinate).
+    - ``prompter_max_frequency``: highest frequency, in cycles over the unit interval (geometric spacing from 1).
+    - ``prompter_mlp_ratio``: MLP width of the prompter layer as a multiple of ViT width.
+    - ``prompter_include_cls``: whether the ViT's CLS token joins the patch tokens the prompter attends to.
+    - ``prompter_pool_norm``: LayerNorm after pooling, before the projection (as CLIP's ``post_layernorm``).
+    - ``text_prompt_input``: which text vector becomes the text prompt token: ``"embedding"`` (the projected,
+      normalised text embedding) or ``"pooled"`` (the text tower's pooled output before projection).
+    - ``box_head_input``: what the box head reads: ``"pooled"`` (prompter output at ViT width) or ``"embedding"``.
+    - ``box_head_hidden_size``: hidden width of the 2-layer GELU MLP (defaults to ViT width).
+
+    Loss fields: ``contrastive_loss`` (``"softmax"`` InfoNCE or SigLIP's ``"sigmoid"``), ``region_negative_threshold``
+    (caption-caption cosine above which a negative is masked out of the region-text denominator, paper 0.9),
+    ``grounding_weight`` (multiplies ``L_grounding`` inside ``λ (L_CLOC + w·L_grounding)``; paper 1.0) and
+    ``max_regions_per_image`` (M, paper 4).
+    """
+
+    model_type = "cloc"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_text_model"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    projection_dim: int = 512
+    logit_scale_init_value: float = 2.6592
+    logit_bias_init_value: float = -10.0
+    region_logit_scale_init_value: float | None = None
+    prompter_pool: Literal["prompts", "all"] = "prompts"
+    prompter_num_frequencies: int = 32
+    prompter_max_frequency: float = 64.0
+    prompter_mlp_ratio: float = 4.0
+    prompter_include_cls: bool = False
+    prompter_pool_norm: bool = True
+    text_prompt_input: Literal["embedding", "pooled"] = "embedding"
+    box_head_input: Literal["pooled", "embedding"] = "pooled"
+    box_head_hidden_size: int | None = None
+    contrastive_loss: Literal["softmax", "sigmoid"] = "softmax"
+    region_negative_threshold: float = 0.9
+    grounding_weight: float = 1.0
+    max_regions_per_image: int = 4
+    initializer_factor: float = 1.0
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        vision_type = self.vision_config.model_type
+        if vision_type not in BACKBONES:
+            raise ValueError(
+                f"CLOCConfig.vision_config.model_type={vision_type!r} is not supported; use one of {sorted(BACKBONES)}"
+            )
+        expected_text = BACKBONES[vision_type][1]
+        if self.text_config.model_type != expected_text:
+            raise ValueError(
+                f"CLOCConfig.text_config.model_type={self.text_config.model_type!r} does not match the vision tower "
+                f"{vision_type!r}; expected {expected_text!r}"
+            )
+        for name, allowed in (
+            ("prompter_pool", PROMPTER_POOLS),
+            ("text_prompt_input", TEXT_PROMPT_INPUTS),
+            ("box_head_input", BOX_HEAD_INPUTS),
+            ("contrastive_loss", CONTRASTIVE_LOSSES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"CLOCConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
+        if not self.has_projection_layers:
+            # SigLIP towers end in their own heads; the embedding size is the tower width.
+            self.projection_dim = self.vision_config.hidden_size
+
+    @property
+    def backbone(self) -> str:
+        """``"clip"`` or ``"siglip"``, read from ``vision_config.model_type``."""
+        return BACKBONES[self.vision_config.model_type][0]
+
+    @property
+    def has_cls_token(self) -> bool:
+        return BACKBONES[self.vision_config.model_type][2]
+
+    @property
+    def has_projection_layers(self) -> bool:
+        return BACKBONES[self.vision_config.model_type][3]
+
+    @property
+    def vision_width(self) -> int:
+        return self.vision_config.hidden_size
+
+    @property
+    def num_patches(self) -> int:
+        return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
+
+
+__all__ = ["CLOCConfig"]
