@@ -1,7 +1,8 @@
 """A restricted unpickler for downloaded annotation files (e.g. the ``refer`` toolkit's ``refs(unc).p``).
 
 :func:`safe_load_pickle` admits only what pickle can build **without importing anything**: ``dict``, ``list``,
-``tuple``, ``set``, ``frozenset``, ``str``, ``bytes``, ``bytearray``, ``int``, ``float``, ``bool`` and ``None``.
+``tuple``, ``str``, ``bytes``, ``int``, ``float``, ``bool`` and ``None`` (plus ``set``/``frozenset``/``bytearray``
+where the pickle uses protocol 4/5's opcodes for them; older protocols encode those as a global call, refused).
 Every global lookup (``find_class``: classes, functions such as ``os.system``, ``numpy`` arrays, ``copyreg``
 extension codes) and every persistent id is refused with :class:`UnsafePickleError` naming the file and the
 refused ``module.name``; nothing in the file is executed. A callable can only reach the ``REDUCE``/``NEWOBJ``/``OBJ``

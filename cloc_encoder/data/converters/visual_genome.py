@@ -106,6 +106,7 @@ def convert_visual_genome(
         where = f"{region_descriptions_json}: [{index}]"
         image_id = _image_id(entry, where)
         raw_regions = require(entry, "regions", list, where)
+        data[index] = None  # free the parsed JSON as we go (the full file is several GB in memory)
         if image_id in seen_images:
             raise ConversionError(f"{where}: image id {image_id} appears twice")
         seen_images.add(image_id)

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny models built from configs and an offline tokenizer (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+CAPTIONS = [
+    f"a {size} {colour} {shape} {relation}"
+    for size in ("small", "large")
+    for colour in ("red", "green", "blue", "yellow")
+    for shape in ("circle", "square", "triangle")
+    for relation in ("", "left of the square", "above the circle", "below the red triangle")
+]
+
+
+@pytest.fixture(scope="session")
+def caption_tokenizer():
+    from cloc_encoder.tokenization import train_caption_tokenizer
+
+    return train_caption_tokenizer(CAPTIONS, vocab_size=128, model_max_length=16)
+
+
+@pytest.fixture()
+def tiny_cloc(caption_tokenizer):
+    """A 1-layer CLOC encoder on 32-px images (fast)."""
+    import torch
+
+    from cloc_encoder.factory import build_cloc_model
+
+    torch.manual_seed(0)
+    return build_cloc_model(
+        "tiny",
+        caption_tokenizer,
+        vision_config={"num_hidden_layers": 1, "image_size": 32, "hidden_size": 64, "intermediate_size": 128},
+        text_config={
+            "num_hidden_layers": 1,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "max_position_embeddings": 16,
+        },
+        projection_dim=32,
+    ).eval()
