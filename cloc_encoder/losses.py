@@ -92,9 +92,8 @@ def region_text_loss(
     if not bool(valid.any()):
         return region_embeds.sum() * 0.0
     all_regions, all_texts = all_regions[valid], all_texts[valid]
-    if region_embeds.shape[0] == 0:
-        # This rank has no region queries; keep the graph connected for DDP / DeepSpeed.
-        return all_regions.sum() * 0.0
+    # A rank without region queries runs the same ops on empty tensors (sum / max(R, 1) gives 0, not the NaN of an
+    # empty mean), so every rank's backward holds the same collectives in the same order.
     rank, _ = _world()
     offset = sum(counts[:rank])
     targets = torch.arange(region_embeds.shape[0], device=region_embeds.device) + offset
@@ -105,7 +104,10 @@ def region_text_loss(
     scale = logit_scale.exp()
     region_to_text = (scale * region_embeds @ all_texts.t()).masked_fill(false_negative, float("-inf"))
     text_to_region = (scale * region_text_embeds @ all_regions.t()).masked_fill(false_negative, float("-inf"))
-    return (F.cross_entropy(region_to_text, targets) + F.cross_entropy(text_to_region, targets)) / 2
+    count = max(region_embeds.shape[0], 1)
+    region_loss = F.cross_entropy(region_to_text, targets, reduction="sum") / count
+    text_loss = F.cross_entropy(text_to_region, targets, reduction="sum") / count
+    return (region_loss + text_loss) / 2
 
 
 def grounding_loss(

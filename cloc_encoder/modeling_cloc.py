@@ -31,6 +31,7 @@ from transformers.utils import ModelOutput
 from cloc_encoder.configuration_cloc import CLOCConfig
 from cloc_encoder.losses import (
     CLOCLossOutput,
+    _world,
     clip_sigmoid_loss,
     clip_softmax_loss,
     grounding_loss,
@@ -251,7 +252,10 @@ class CLOCModel(CLOCPreTrainedModel):
         """
         state = self.encode_images(pixel_values)
         num_regions = 0 if region_boxes is None else region_boxes.shape[0]
-        if num_regions and region_input_ids is not None and region_input_ids.shape[1] == input_ids.shape[1]:
+        # The region losses gather across ranks, so with several ranks a batch without regions still runs the
+        # (empty) region path and joins the collectives; skipping it would leave the other ranks waiting.
+        has_regions = region_boxes is not None and region_input_ids is not None and (num_regions or _world()[1] > 1)
+        if has_regions and region_input_ids.shape[1] == input_ids.shape[1]:
             # One text-tower pass for image and region captions.
             texts = self.encode_text(
                 torch.cat([input_ids, region_input_ids]),
@@ -262,14 +266,14 @@ class CLOCModel(CLOCPreTrainedModel):
         else:
             text_embeds = self.encode_text(input_ids, attention_mask).text_embeds
             region_text_embeds = region_text_vectors = None
-            if num_regions:
+            if has_regions:
                 region_texts = self.encode_text(region_input_ids, region_attention_mask)
                 region_text_embeds, region_text_vectors = region_texts.text_embeds, region_texts.pooled
 
         image_embeds = F.normalize(state.image_embeds, dim=-1)
         text_embeds = F.normalize(text_embeds, dim=-1)
         output = CLOCOutput(image_embeds=image_embeds, text_embeds=text_embeds)
-        if num_regions:
+        if has_regions:
             region_embeds = F.normalize(self.region_features(state, region_boxes, region_image_index)[1], dim=-1)
             prompt_vectors = region_text_embeds if self.config.text_prompt_input == "embedding" else region_text_vectors
             output.predicted_boxes = self.predict_boxes(state, prompt_vectors, region_image_index)
@@ -295,7 +299,7 @@ class CLOCModel(CLOCPreTrainedModel):
         else:
             clip = clip_softmax_loss(output.image_embeds, output.text_embeds, self.logit_scale)
         zero = clip.new_zeros(())
-        if region_boxes is None or region_boxes.shape[0] == 0:
+        if region_boxes is None or output.region_embeds is None:
             # Keep every region parameter in the graph (DDP / ZeRO expect gradients for all of them).
             unused = sum(p.sum() for p in (*self.prompter.parameters(), *self.box_head.parameters())) * 0.0
             region = grounding = zero + unused
