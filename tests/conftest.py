@@ -46,3 +46,22 @@ def tiny_cloc(caption_tokenizer):
         },
         projection_dim=32,
     ).eval()
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer():
+    """Offline byte-level BPE with ``<image>``/``<region>`` and the Vicuna chat template (for MLLM tests)."""
+    from mllm.tiny import TINY_CORPUS
+    from mllm.tokenization import train_chat_tokenizer
+
+    return train_chat_tokenizer(TINY_CORPUS, vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A 32-px synthetic world: 32 train and 8 val images (for training tests)."""
+    from cloc_encoder.data.synthetic import SyntheticWorldConfig, generate_world
+
+    out = tmp_path_factory.mktemp("world")
+    generate_world(SyntheticWorldConfig(image_size=32), out, {"train": 32, "val": 8})
+    return out

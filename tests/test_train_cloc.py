@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from cloc_encoder import CLOCModel
 from cloc_encoder.data.format import Region, RegionTextRecord, read_region_text
-from cloc_encoder.data.synthetic import SyntheticWorldConfig, generate_world
 from cloc_encoder.image_processing import CLOCImageProcessor
+from tests.tiny_training import TINY_CLOC_OVERRIDES as TINY_MODEL
 from train.checkpoint import CheckpointManager, capture_rng_state, load_state, save_state, write_json
 from train.cloc_build import check_model_overrides, lr_factor
 from train.cloc_config import CLOCTrainConfig, ConfigError, load_config
@@ -32,24 +32,6 @@ from train.cloc_pretrain import main, train_cloc
 from train.cloc_runtime import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_MODEL = {
-    "vision_config": {"image_size": 32, "num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128},
-    "text_config": {
-        "num_hidden_layers": 1,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "max_position_embeddings": 16,
-    },
-    "projection_dim": 32,
-}
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    """A 32-px synthetic world: 32 train and 8 val images."""
-    out = tmp_path_factory.mktemp("world")
-    generate_world(SyntheticWorldConfig(image_size=32), out, {"train": 32, "val": 8})
-    return out
 
 
 def tiny_config(world: Path, output_dir: Path, **values) -> CLOCTrainConfig:

@@ -17,33 +17,14 @@ import pytest
 import torch
 
 from cloc_encoder import CLOCModel
-from cloc_encoder.data.synthetic import SyntheticWorldConfig, generate_world
+from tests.tiny_training import TINY_CLOC_OVERRIDES as TINY_MODEL
 from train.cloc_config import CLOCTrainConfig
 from train.cloc_metrics import read_metrics
 from train.cloc_pretrain import train_cloc
 from train.cloc_runtime import free_port
 
-pytest.importorskip("deepspeed")
-
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600
-TINY_MODEL = {
-    "vision_config": {"image_size": 32, "num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128},
-    "text_config": {
-        "num_hidden_layers": 1,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "max_position_embeddings": 16,
-    },
-    "projection_dim": 32,
-}
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("world")
-    generate_world(SyntheticWorldConfig(image_size=32), out, {"train": 32, "val": 8})
-    return out
 
 
 def _config(world: Path, output_dir: Path, **values) -> CLOCTrainConfig:
