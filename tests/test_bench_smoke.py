@@ -1,0 +1,33 @@
+"""Smoke test of the region-embedding benchmark (``bench.region_embed``): it runs and prints; no timing checks."""
+
+from __future__ import annotations
+
+import torch
+
+from bench.region_embed import format_table, main, random_boxes, run_benchmark
+
+
+def test_benchmark_rows_and_table():
+    rows = run_benchmark("tiny", box_counts=(1, 2), repeats=1, warmup=0)
+    assert [row.boxes for row in rows] == [1, 2]
+    for row in rows:
+        assert min(row.vit_ms, row.prompts_ms, row.all_ms, row.crop_ms) > 0
+        assert row.speedup_prompts > 0 and row.speedup_all > 0
+        assert row.bound_all == row.layers * row.boxes / (row.layers + row.boxes)
+    table = format_table(rows)
+    assert "| boxes | ViT pass ms |" in table and "all-token mode at 2 boxes" in table
+
+
+def test_random_boxes_are_valid_model_frame_boxes():
+    boxes = random_boxes(50, torch.Generator().manual_seed(0), min_size=0.1)
+    assert boxes.min() >= 0 and boxes.max() <= 1
+    assert ((boxes[:, 2:] - boxes[:, :2]) >= 0.1 - 1e-6).all()
+
+
+def test_quick_command_prints_the_table(capsys):
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--quick", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "speed-up prompts" in capsys.readouterr().out

@@ -1,0 +1,78 @@
+"""The prompter's shared key/value fast path equals the plain layer (``cloc_encoder.prompter``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cloc_encoder.prompter import PrompterLayer
+
+WIDTH, PATCHES = 48, 20
+
+
+def _plain_prompt_outputs(layer: PrompterLayer, prompts, image_tokens, image_index) -> torch.Tensor:
+    """The plain layer over ``[prompts; image tokens]`` for each region, kept at the prompt positions."""
+    full = layer(torch.cat([prompts, image_tokens[image_index]], dim=1))
+    return full[:, : prompts.shape[1]]
+
+
+@pytest.mark.parametrize("num_prompts", [1, 2])  # text prompts (1 token) and box prompts (2 corners)
+@pytest.mark.parametrize(
+    "image_index",
+    [
+        [0, 0, 0, 2, 3, 3, 3, 3, 3],  # 3, 0, 1 and 5 regions: an image without regions
+        [3, 0, 2, 3, 0, 3, 3, 0, 3],  # the same counts, interleaved
+        [1],
+        [],
+    ],
+)
+def test_forward_prompts_equals_plain_layer(num_prompts, image_index):
+    torch.manual_seed(0)
+    layer = PrompterLayer(WIDTH, mlp_ratio=4.0).eval()
+    for parameter in layer.parameters():  # non-trivial norms and biases
+        parameter.data.add_(0.1 * torch.randn_like(parameter))
+    image_tokens = 3.0 * torch.randn(4, PATCHES, WIDTH)
+    index = torch.tensor(image_index, dtype=torch.long)
+    prompts = torch.randn(len(index), num_prompts, WIDTH)
+    with torch.no_grad():
+        keys, values = layer.image_key_values(image_tokens)
+        fast = layer.forward_prompts(prompts, keys, values, index)
+        plain = _plain_prompt_outputs(layer, prompts, image_tokens, index)
+    assert fast.shape == (len(index), num_prompts, WIDTH)
+    if len(index):
+        assert (fast - plain).abs().max().item() < 1e-5
+
+
+def test_fast_path_gradients_match_plain_layer():
+    torch.manual_seed(1)
+    layer = PrompterLayer(WIDTH, mlp_ratio=2.0)
+    image_tokens = torch.randn(2, PATCHES, WIDTH)
+    index = torch.tensor([1, 0, 1])
+    prompts = torch.randn(3, 2, WIDTH)
+    grads = []
+    for fast in (True, False):
+        layer.zero_grad()
+        if fast:
+            output = layer.forward_prompts(prompts, *layer.image_key_values(image_tokens), index)
+        else:
+            output = _plain_prompt_outputs(layer, prompts, image_tokens, index)
+        output.square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in layer.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+
+
+def test_model_region_embeddings_pool_the_plain_layer_prompt_outputs(tiny_cloc):
+    """With ``prompter_pool="prompts"`` the model pools the plain layer's prompt outputs (cached keys reused)."""
+    prompter = tiny_cloc.prompter
+    state = tiny_cloc.encode_images(torch.randn(3, 3, 32, 32))
+    boxes = torch.tensor([[0.1, 0.1, 0.5, 0.6], [0.0, 0.2, 1.0, 0.9], [0.3, 0.3, 0.4, 0.8], [0.5, 0.0, 1.0, 0.5]])
+    index = torch.tensor([2, 0, 2, 2])
+    with torch.no_grad():
+        first = tiny_cloc.region_embeddings(state, boxes, index)
+        again = tiny_cloc.region_embeddings(state, boxes, index)  # uses state.key_values
+        prompts = prompter.box_prompts(boxes)
+        plain = _plain_prompt_outputs(prompter.layer, prompts, state.patch_tokens, index)
+        expected = prompter.embed(prompter.pool_norm(plain.mean(dim=1)))
+    assert state.key_values is not None
+    assert torch.equal(first, again)
+    assert (first - expected).abs().max().item() < 1e-5
