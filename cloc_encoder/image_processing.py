@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -56,6 +56,17 @@ class FrameTransform:
         return ((boxes * self.size - offset) / scale).clamp(0.0, 1.0).float()
 
 
+class CLOCImageProcessorKwargs(TypedDict, total=False):
+    """Keyword arguments ``from_pretrained(path, **kwargs)`` may override (transformers reads ``valid_kwargs``)."""
+
+    image_size: int
+    resize_mode: str
+    pad_position: str
+    image_mean: Sequence[float]
+    image_std: Sequence[float]
+    max_pixels: int
+
+
 class CLOCImageProcessor(ImageProcessingMixin):
     """Long-side resize + pad (the paper's recipe), or squash / centre-crop, to an ``S×S`` RGB tensor.
 
@@ -69,6 +80,7 @@ class CLOCImageProcessor(ImageProcessingMixin):
     """
 
     model_input_names = ["pixel_values"]
+    valid_kwargs = CLOCImageProcessorKwargs
 
     def __init__(
         self,

@@ -1,0 +1,111 @@
+"""Configuration of the CLOC-LLaVA model: a CLOC encoder + projectors + any causal language model."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from cloc_encoder import CLOCConfig
+from mllm.box_codec import BOX_CODECS, DEFAULT_BOX_CODEC
+
+PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
+REGION_FEATURES = ("pooled", "embedding")
+FEATURE_SELECT_STRATEGIES = ("default", "full")
+
+
+class CLOCLlavaConfig(PreTrainedConfig):
+    r"""Configuration of :class:`~mllm.CLOCLlavaForConditionalGeneration`.
+
+    Args:
+        vision_config: a :class:`~cloc_encoder.CLOCConfig` (or its dict); the vision tower and the prompter.
+        text_config: any causal LM config (dict with ``model_type``, or a config); default ``llama``.
+        projector_type: image projector, vision width → LLM hidden size: ``"mlp2x_gelu"`` (LLaVA-1.5) or
+            ``"linear"`` (LLaVA-1).
+        region_projector_type: region projector (prompter output → LLM hidden size), same choices.
+        region_feature: which prompter output feeds the region projector: ``"pooled"`` (the pooled prompter output
+            at ViT width ``W``) or ``"embedding"`` (the region embedding at CLOC's projection size ``D``).
+        vision_feature_layer: ViT hidden-state index for image features (``-2`` as LLaVA, ``-1`` = last layer;
+            hidden state 0 is the embeddings). The prompter always reads the last layer, as CLOC trained it.
+        vision_feature_select_strategy: ``"default"`` drops the CLS token (patch tokens only), ``"full"`` keeps it.
+            Towers without a CLS token (SigLIP) give the same features either way.
+        image_token_id, region_token_id: ids of the ``<image>`` and ``<region>`` placeholder tokens.
+        box_codec: name of the box⇄text codec in :data:`mllm.box_codec.BOX_CODECS` (``"int999"`` or ``"float"``).
+        image_seq_length: ``<image>`` tokens per image; derived from the vision config when ``None``.
+        multimodal_projector_bias: whether the projectors' linear layers have biases.
+    """
+
+    model_type = "cloc_llava"
+    attribute_map = {"image_token_index": "image_token_id"}
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=CLOCConfig),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    projector_type: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    region_projector_type: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    region_feature: Literal["pooled", "embedding"] = "pooled"
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
+    image_token_id: int = 32000
+    region_token_id: int = 32001
+    box_codec: str = DEFAULT_BOX_CODEC
+    image_seq_length: int | None = None
+    multimodal_projector_bias: bool = True
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        for name, allowed in (
+            ("projector_type", PROJECTOR_TYPES),
+            ("region_projector_type", PROJECTOR_TYPES),
+            ("region_feature", REGION_FEATURES),
+            ("vision_feature_select_strategy", FEATURE_SELECT_STRATEGIES),
+            ("box_codec", tuple(BOX_CODECS)),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"CLOCLlavaConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
+        num_layers = self.vision_config.vision_config.num_hidden_layers
+        if (
+            not isinstance(self.vision_feature_layer, int)
+            or not -(num_layers + 1) <= self.vision_feature_layer <= num_layers
+        ):
+            raise ValueError(
+                f"CLOCLlavaConfig.vision_feature_layer={self.vision_feature_layer!r} is not a hidden-state index of a "
+                f"{num_layers}-layer ViT; expected an int in [{-(num_layers + 1)}, {num_layers}]"
+            )
+        if self.image_token_id == self.region_token_id:
+            raise ValueError(
+                f"CLOCLlavaConfig.region_token_id={self.region_token_id} equals image_token_id; they must differ"
+            )
+        expected = self.num_image_features
+        if self.image_seq_length is None:
+            self.image_seq_length = expected
+        elif self.image_seq_length != expected:
+            raise ValueError(
+                f"CLOCLlavaConfig.image_seq_length={self.image_seq_length} but the vision tower gives {expected} "
+                f"features per image ({self.vision_config.num_patches} patches, "
+                f"vision_feature_select_strategy={self.vision_feature_select_strategy!r}); leave it None"
+            )
+        # LLaVA's workaround: checkpoints record tying in the text config.
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+
+    @property
+    def num_image_features(self) -> int:
+        """Visual tokens per image: patches, plus the CLS token with ``"full"`` on a tower that has one."""
+        keeps_cls = self.vision_feature_select_strategy == "full" and self.vision_config.has_cls_token
+        return self.vision_config.num_patches + int(keeps_cls)
+
+    @property
+    def region_feature_size(self) -> int:
+        """Width of the prompter output the region projector reads."""
+        if self.region_feature == "pooled":
+            return self.vision_config.vision_width
+        return self.vision_config.projection_dim
+
+
+__all__ = ["CLOCLlavaConfig"]
