@@ -198,9 +198,7 @@ class CLOCModel(CLOCPreTrainedModel):
         self, state: CLOCImageState, boxes: torch.Tensor, image_index: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled prompter outputs ``(R, W)`` and region embeddings ``(R, D)`` for model-frame boxes ``(R, 4)``."""
-        prompts = self.prompter.box_prompts(boxes.to(state.patch_tokens.dtype))
-        pooled = self.prompter.pooled(prompts, state.patch_tokens, image_index, self._key_values(state))
-        return pooled, self.prompter.embed(pooled)
+        return self.prompter.box_features(boxes, state.patch_tokens, image_index, self._key_values(state))
 
     def region_embeddings(
         self,

@@ -56,9 +56,21 @@ class PrompterLayer(nn.Module):
     outputs within floating-point tolerance.
     """
 
-    def __init__(self, width: int, mlp_ratio: float, layer_norm_eps: float = 1e-5) -> None:
+    def __init__(
+        self,
+        width: int,
+        mlp_ratio: float,
+        layer_norm_eps: float = 1e-5,
+        key_position_encoder: SinusoidalPointEncoder | None = None,
+    ) -> None:
         super().__init__()
         self.width = width
+        # Optional: the patch centres' sinusoidal encoding (the corner tokens' encoder), mapped to width and
+        # normalised, is added to the image tokens' key inputs so box corners can match patch positions.
+        self.key_position_encoder = key_position_encoder
+        self.key_position_projection = (
+            nn.Linear(key_position_encoder.output_size, width) if key_position_encoder is not None else None
+        )
         self.scale = width**-0.5
         self.norm1 = nn.LayerNorm(width, eps=layer_norm_eps)
         self.q_proj = nn.Linear(width, width)
@@ -69,20 +81,48 @@ class PrompterLayer(nn.Module):
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Plain layer: ``(N, L, W)`` → ``(N, L, W)``."""
+    def key_positions(self, num_tokens: int) -> torch.Tensor | None:
+        """Additive key inputs ``(num_tokens, W)``, or ``None`` when the layer has no key positions.
+
+        The image's patch grid is taken to be the last ``s²`` tokens, ``s = isqrt(num_tokens)`` (row-major, as the
+        ViT lays them out); the tokens before it (prompts, a CLS token) get zeros. This holds whenever fewer than
+        ``2s + 1`` tokens precede the grid, so the plain layer over ``[prompts; CLS; patches]`` and the fast path
+        over ``[CLS; patches]`` place the positions identically.
+        """
+        if self.key_position_encoder is None:
+            return None
+        side = math.isqrt(num_tokens)
+        weight = self.key_position_projection.weight
+        centres = (torch.arange(side, device=weight.device, dtype=weight.dtype) + 0.5) / side
+        ys, xs = torch.meshgrid(centres, centres, indexing="ij")
+        points = torch.stack([xs.flatten(), ys.flatten()], dim=-1)
+        positions = self.norm1(self.key_position_projection(self.key_position_encoder(points)))
+        return F.pad(positions, (0, 0, num_tokens - side * side, 0))
+
+    def forward(
+        self, tokens: torch.Tensor, num_prompts: int = 0, image_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Plain layer: ``(N, L, W)`` → ``(N, L, W)``. The first ``num_prompts`` tokens are prompts; ``image_bias``
+        ``(N, L - num_prompts)``, when given, is added to every query's attention logits for the other tokens."""
         normed = self.norm1(tokens)
+        positions = self.key_positions(tokens.shape[1])
+        key_input = normed if positions is None else normed + positions.to(normed.dtype)
         query = self.q_proj(normed).unsqueeze(1)
-        key = self.k_proj(normed).unsqueeze(1)
+        key = self.k_proj(key_input).unsqueeze(1)
         value = self.v_proj(normed).unsqueeze(1)
-        attended = F.scaled_dot_product_attention(query, key, value).squeeze(1)
+        mask = None
+        if image_bias is not None:
+            mask = F.pad(image_bias, (num_prompts, 0)).to(query.dtype)[:, None, None, :]  # (N, 1, 1, L)
+        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask).squeeze(1)
         hidden = tokens + self.out_proj(attended)
         return hidden + self.mlp(self.norm2(hidden))
 
     def image_key_values(self, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the image tokens ``(B, P, W)``, computed once per image."""
         normed = self.norm1(image_tokens)
-        return self.k_proj(normed), self.v_proj(normed)
+        positions = self.key_positions(image_tokens.shape[1])
+        key_input = normed if positions is None else normed + positions.to(normed.dtype)
+        return self.k_proj(key_input), self.v_proj(normed)
 
     def forward_prompts(
         self,
@@ -90,6 +130,7 @@ class PrompterLayer(nn.Module):
         image_keys: torch.Tensor,
         image_values: torch.Tensor,
         image_index: torch.Tensor,
+        image_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Outputs at the prompt positions of ``[prompts; image tokens of image_index]``.
 
@@ -97,6 +138,7 @@ class PrompterLayer(nn.Module):
             prompts: ``(R, T, W)`` prompt tokens, T per region (2 corners for a box, 1 for a text).
             image_keys, image_values: ``(B, P, W)`` from :meth:`image_key_values`.
             image_index: ``(R,)`` long, which image each region belongs to.
+            image_bias: optional ``(R, P)`` added to the region's attention logits for the image tokens.
         Returns:
             ``(R, T, W)``.
         """
@@ -115,6 +157,8 @@ class PrompterLayer(nn.Module):
         padded_query[image_index, slot] = query
         image_scores = padded_query.view(num_images, slots * num_prompts, width) @ image_keys.transpose(1, 2)
         image_scores = image_scores.view(num_images, slots, num_prompts, num_patches)[image_index, slot]  # (R,T,P)
+        if image_bias is not None:
+            image_scores = image_scores + image_bias[:, None, :].to(image_scores.dtype)
 
         weights = torch.cat([prompt_scores, image_scores], dim=-1).softmax(dim=-1)
         prompt_weights, image_weights = weights.split([num_prompts, num_patches], dim=-1)
@@ -136,6 +180,20 @@ def _slot_within_image(image_index: torch.Tensor, num_images: int) -> torch.Tens
     return (one_hot.cumsum(dim=0) - 1).gather(1, image_index[:, None]).squeeze(1)
 
 
+def patch_centres(num_tokens: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """Model-frame centres ``(G, 2)`` (x, y; row-major like the ViT) of a square patch grid of ``num_tokens`` image
+    tokens, and whether a CLS token precedes the grid (``num_tokens = 1 + G``)."""
+    side = math.isqrt(num_tokens)
+    has_cls = side * side != num_tokens
+    if has_cls:
+        side = math.isqrt(num_tokens - 1)
+        if side * side != num_tokens - 1:
+            raise ValueError(f"{num_tokens} image tokens are neither a square patch grid nor CLS + one")
+    centres = (torch.arange(side, device=device, dtype=dtype) + 0.5) / side
+    ys, xs = torch.meshgrid(centres, centres, indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], dim=-1), has_cls
+
+
 class RegionPrompter(nn.Module):
     """Box and text prompts → pooled prompter output ``(R, W)`` → region embedding ``(R, D)``."""
 
@@ -143,12 +201,20 @@ class RegionPrompter(nn.Module):
         super().__init__()
         width = config.vision_width
         self.pool = config.prompter_pool
+        self.box_attention_bias_value = float(config.prompter_box_attention_bias)
         self.point_encoder = SinusoidalPointEncoder(config.prompter_num_frequencies, config.prompter_max_frequency)
         self.corner_projection = nn.Linear(self.point_encoder.output_size, width)
         self.corner_embeddings = nn.Parameter(torch.zeros(2, width))  # which corner: top-left, bottom-right
         text_size = config.projection_dim if config.text_prompt_input == "embedding" else config.text_config.hidden_size
         self.text_projection = nn.Linear(text_size, width)
-        self.layer = PrompterLayer(width, config.prompter_mlp_ratio, config.vision_config.layer_norm_eps)
+        key_position_encoder = None
+        if config.prompter_key_positions == "sinusoidal":
+            key_position_encoder = SinusoidalPointEncoder(
+                config.prompter_num_frequencies, config.prompter_max_frequency
+            )
+        self.layer = PrompterLayer(
+            width, config.prompter_mlp_ratio, config.vision_config.layer_norm_eps, key_position_encoder
+        )
         self.pool_norm = nn.LayerNorm(width) if config.prompter_pool_norm else nn.Identity()
         self.projection = nn.Linear(width, config.projection_dim, bias=False)
 
@@ -161,12 +227,39 @@ class RegionPrompter(nn.Module):
         """``(R, D_text)`` text vectors → ``(R, 1, W)`` prompt tokens."""
         return self.text_projection(text_vectors).unsqueeze(1)
 
+    def box_attention_bias(self, boxes: torch.Tensor, num_tokens: int) -> torch.Tensor | None:
+        """``(R, P)``: ``prompter_box_attention_bias`` for image tokens whose patch centre lies inside the box, 0
+        elsewhere (and for a CLS token); ``None`` when the bias is 0. Boxes are model-frame ``xyxy`` ``(R, 4)``."""
+        if not self.box_attention_bias_value:
+            return None
+        points, has_cls = patch_centres(num_tokens, boxes.device, boxes.dtype)
+        x, y = points[:, 0], points[:, 1]
+        x1, y1, x2, y2 = (boxes[:, i : i + 1] for i in range(4))
+        inside = (x >= x1) & (x <= x2) & (y >= y1) & (y <= y2)
+        bias = inside.to(boxes.dtype) * self.box_attention_bias_value
+        return F.pad(bias, (1, 0)) if has_cls else bias
+
+    def box_features(
+        self,
+        boxes: torch.Tensor,
+        image_tokens: torch.Tensor,
+        image_index: torch.Tensor,
+        image_key_values: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model-frame boxes ``(R, 4)`` → pooled outputs ``(R, W)`` and region embeddings ``(R, D)``."""
+        boxes = boxes.to(image_tokens.dtype)
+        prompts = self.box_prompts(boxes)
+        bias = self.box_attention_bias(boxes, image_tokens.shape[1])
+        pooled = self.pooled(prompts, image_tokens, image_index, image_key_values, image_bias=bias)
+        return pooled, self.embed(pooled)
+
     def pooled(
         self,
         prompts: torch.Tensor,
         image_tokens: torch.Tensor,
         image_index: torch.Tensor,
         image_key_values: tuple[torch.Tensor, torch.Tensor] | None = None,
+        image_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the layer over ``[prompts; image tokens]`` and average-pool: ``(R, T, W)`` → ``(R, W)``.
 
@@ -175,9 +268,10 @@ class RegionPrompter(nn.Module):
         """
         if self.pool == "prompts":
             keys, values = image_key_values or self.layer.image_key_values(image_tokens)
-            outputs = self.layer.forward_prompts(prompts, keys, values, image_index)
+            outputs = self.layer.forward_prompts(prompts, keys, values, image_index, image_bias)
         else:
-            outputs = self.layer(torch.cat([prompts, image_tokens[image_index]], dim=1))
+            tokens = torch.cat([prompts, image_tokens[image_index]], dim=1)
+            outputs = self.layer(tokens, num_prompts=prompts.shape[1], image_bias=image_bias)
         return self.pool_norm(outputs.mean(dim=1))
 
     def embed(self, pooled: torch.Tensor) -> torch.Tensor:

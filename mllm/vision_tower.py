@@ -64,9 +64,7 @@ class CLOCVisionTower(CLOCPreTrainedModel):
             if state.key_values is None:
                 state.key_values = self.prompter.layer.image_key_values(state.patch_tokens)
             key_values = state.key_values
-        prompts = self.prompter.box_prompts(boxes.to(state.patch_tokens.dtype))
-        pooled = self.prompter.pooled(prompts, state.patch_tokens, image_index, key_values)
-        return pooled, self.prompter.embed(pooled)
+        return self.prompter.box_features(boxes, state.patch_tokens, image_index, key_values)
 
     @classmethod
     def from_cloc(cls, source: CLOCModel | str | os.PathLike[str], **kwargs) -> CLOCVisionTower:

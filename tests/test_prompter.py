@@ -10,9 +10,10 @@ from cloc_encoder.prompter import PrompterLayer
 WIDTH, PATCHES = 48, 20
 
 
-def _plain_prompt_outputs(layer: PrompterLayer, prompts, image_tokens, image_index) -> torch.Tensor:
+def _plain_prompt_outputs(layer: PrompterLayer, prompts, image_tokens, image_index, image_bias=None) -> torch.Tensor:
     """The plain layer over ``[prompts; image tokens]`` for each region, kept at the prompt positions."""
-    full = layer(torch.cat([prompts, image_tokens[image_index]], dim=1))
+    tokens = torch.cat([prompts, image_tokens[image_index]], dim=1)
+    full = layer(tokens, num_prompts=prompts.shape[1], image_bias=image_bias)
     return full[:, : prompts.shape[1]]
 
 
@@ -71,8 +72,42 @@ def test_model_region_embeddings_pool_the_plain_layer_prompt_outputs(tiny_cloc):
         first = tiny_cloc.region_embeddings(state, boxes, index)
         again = tiny_cloc.region_embeddings(state, boxes, index)  # uses state.key_values
         prompts = prompter.box_prompts(boxes)
-        plain = _plain_prompt_outputs(prompter.layer, prompts, state.patch_tokens, index)
+        bias = prompter.box_attention_bias(boxes, state.patch_tokens.shape[1])
+        plain = _plain_prompt_outputs(prompter.layer, prompts, state.patch_tokens, index, bias)
         expected = prompter.embed(prompter.pool_norm(plain.mean(dim=1)))
     assert state.key_values is not None
     assert torch.equal(first, again)
     assert (first - expected).abs().max().item() < 1e-5
+
+
+def test_fast_path_with_key_positions_and_box_bias_equals_plain_layer():
+    from cloc_encoder.prompter import SinusoidalPointEncoder
+
+    torch.manual_seed(2)
+    layer = PrompterLayer(WIDTH, mlp_ratio=2.0, key_position_encoder=SinusoidalPointEncoder(8, 8.0)).eval()
+    image_tokens = torch.randn(3, 16, WIDTH)  # a 4×4 patch grid
+    index = torch.tensor([2, 0, 2, 2, 1])
+    prompts = torch.randn(5, 2, WIDTH)
+    bias = 4.0 * (torch.rand(5, 16) > 0.5).float()
+    with torch.no_grad():
+        fast = layer.forward_prompts(prompts, *layer.image_key_values(image_tokens), index, bias)
+        plain = layer(torch.cat([prompts, image_tokens[index]], dim=1), num_prompts=2, image_bias=bias)[:, :2]
+        unbiased = layer.forward_prompts(prompts, *layer.image_key_values(image_tokens), index)
+    assert (fast - plain).abs().max().item() < 1e-5
+    assert (fast - unbiased).abs().max().item() > 1e-3  # the bias changes what the prompts attend to
+
+
+def test_box_attention_bias_marks_the_patches_inside_the_box(tiny_cloc):
+    prompter = tiny_cloc.prompter
+    value = tiny_cloc.config.prompter_box_attention_bias
+    assert value > 0
+    boxes = torch.tensor([[0.0, 0.0, 0.5, 1.0], [0.6, 0.6, 0.9, 0.9]])
+    bias = prompter.box_attention_bias(boxes, 16).view(2, 4, 4)  # 4×4 grid, centres at 1/8, 3/8, 5/8, 7/8
+    assert torch.equal(bias[0], value * torch.tensor([[1.0, 1.0, 0.0, 0.0]] * 4))
+    expected = torch.zeros(4, 4)
+    expected[2:, 2:] = value  # centres 5/8 and 7/8 lie in [0.6, 0.9] on both axes
+    assert torch.equal(bias[1], expected)
+    with_cls = prompter.box_attention_bias(boxes, 17)
+    assert with_cls.shape == (2, 17) and torch.equal(with_cls[:, 0], torch.zeros(2))
+    with pytest.raises(ValueError, match="square patch grid"):
+        prompter.box_attention_bias(boxes, 15)

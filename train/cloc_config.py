@@ -128,6 +128,15 @@ class CLOCTrainConfig:
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(CLOCTrainConfig)}
 _HINTS = typing.get_type_hints(CLOCTrainConfig)
+
+
+def _fields_and_hints(config_class: type) -> tuple[dict[str, dataclasses.Field], dict[str, Any]]:
+    """Field table and resolved type hints of a flat config dataclass (any of the project's train configs)."""
+    if config_class is CLOCTrainConfig:
+        return FIELDS, _HINTS
+    return {f.name: f for f in dataclasses.fields(config_class)}, typing.get_type_hints(config_class)
+
+
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
@@ -199,8 +208,11 @@ def parse_scalar(text: str) -> Any:
     return value
 
 
-def apply_overrides(values: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply ``key=value`` strings to a plain dict of config values (returns a new dict)."""
+def apply_overrides(
+    values: dict[str, Any], overrides: Iterable[str], config_class: type = CLOCTrainConfig
+) -> dict[str, Any]:
+    """Apply ``key=value`` strings to a plain dict of values of ``config_class`` (returns a new dict)."""
+    fields, hints = _fields_and_hints(config_class)
     values = copy.deepcopy(values)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -208,12 +220,12 @@ def apply_overrides(values: dict[str, Any], overrides: Iterable[str]) -> dict[st
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         head, *path = key.split(".")
-        if head not in FIELDS:
-            raise _unknown_key(head, FIELDS, "")
+        if head not in fields:
+            raise _unknown_key(head, fields, "")
         if not path:
-            values[head] = yaml.safe_load(raw) if typing.get_origin(_HINTS[head]) is dict else raw
+            values[head] = yaml.safe_load(raw) if typing.get_origin(hints[head]) is dict else raw
             continue
-        if typing.get_origin(_HINTS[head]) is not dict:
+        if typing.get_origin(hints[head]) is not dict:
             raise ConfigError(f"config key {key!r}: {head!r} is not a mapping, so it takes no dotted sub-keys")
         target = values.setdefault(head, {}) or {}
         values[head] = target
@@ -225,17 +237,24 @@ def apply_overrides(values: dict[str, Any], overrides: Iterable[str]) -> dict[st
     return values
 
 
-def config_from_dict(values: Mapping[str, Any], where: str = "") -> CLOCTrainConfig:
-    """Build a config from plain values, converting types; unknown keys raise :class:`ConfigError`."""
+def config_from_dict(values: Mapping[str, Any], where: str = "", config_class: type = CLOCTrainConfig) -> Any:
+    """Build a ``config_class`` from plain values, converting types; unknown keys raise :class:`ConfigError`."""
+    fields, hints = _fields_and_hints(config_class)
     for key in values:
-        if key not in FIELDS:
-            raise _unknown_key(str(key), FIELDS, where)
-    converted = {key: _coerce(value, _HINTS[key], key) for key, value in values.items()}
-    return CLOCTrainConfig(**converted)
+        if key not in fields:
+            raise _unknown_key(str(key), fields, where)
+    converted = {key: _coerce(value, hints[key], key) for key, value in values.items()}
+    return config_class(**converted)
 
 
-def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = ()) -> CLOCTrainConfig:
-    """Read a YAML config (optional) and apply ``key=value`` overrides. Does not call ``validate``."""
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = (), config_class: type = CLOCTrainConfig
+) -> Any:
+    """Read a YAML config (optional) and apply ``key=value`` overrides. Does not call ``validate``.
+
+    ``config_class`` is the flat dataclass to build (default :class:`CLOCTrainConfig`; the MLLM trainer passes
+    :class:`train.mllm_config.MLLMTrainConfig`)."""
+    fields, _ = _fields_and_hints(config_class)
     values: dict[str, Any] = {}
     where = ""
     if path is not None:
@@ -244,11 +263,11 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[
         if not isinstance(loaded, dict):
             raise ConfigError(f"{where}expected a mapping of config keys at the top level")
         for key in loaded:
-            if key not in FIELDS:
-                raise _unknown_key(str(key), FIELDS, where)
+            if key not in fields:
+                raise _unknown_key(str(key), fields, where)
         values = dict(loaded)
-    values = apply_overrides(values, overrides)
-    return config_from_dict(values, where)
+    values = apply_overrides(values, overrides, config_class)
+    return config_from_dict(values, where, config_class)
 
 
 __all__ = ["CLOCTrainConfig", "ConfigError", "apply_overrides", "config_from_dict", "load_config", "parse_scalar"]

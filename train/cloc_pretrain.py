@@ -33,7 +33,7 @@ from train.cloc_build import build_model, build_optimizer, build_scheduler, buil
 from train.cloc_config import CLOCTrainConfig, ConfigError, load_config
 from train.cloc_data import CLOCBatch, EvalBatchSampler, RegionTextDataset, ResumableBatchSampler, collate_cloc
 from train.cloc_metrics import MetricsLogger
-from train.cloc_run import Run, TrainerState, load_checkpoint, save_checkpoint
+from train.cloc_run import Run, TrainerState, find_resume_dir, load_checkpoint, save_checkpoint
 from train.cloc_runtime import deepspeed_config, init_distributed, promote_scalar_parameters
 
 logger = logging.getLogger(__name__)
@@ -62,25 +62,6 @@ def _load_records(path: str, what: str) -> list:
     if report.skipped:
         logger.warning("%s data %s: %s (first: %s)", what, path, report.summary(), report.skipped[0])
     return records
-
-
-def _resume_dir(config: CLOCTrainConfig, manager: CheckpointManager) -> Path | None:
-    if config.resume_from:
-        folder = Path(config.resume_from)
-        if not manager.is_complete(folder):
-            raise ConfigError(f"resume_from={folder}: not a complete checkpoint (no trainer_state.json)")
-        return folder
-    latest = manager.latest()
-    if config.resume:
-        if latest is None:
-            logger.info("resume: no checkpoint in %s yet; starting from scratch", config.output_dir)
-        return latest
-    if latest is not None:
-        raise ConfigError(
-            f"output_dir={config.output_dir} already holds checkpoints ({latest.name}); "
-            "resume with --resume (resume=true) or choose another output_dir"
-        )
-    return None
 
 
 def _scalar(value: Any) -> float:
@@ -183,7 +164,7 @@ def _build_run(config: CLOCTrainConfig, context: Any) -> tuple[Run, Path | None,
     if context.is_main:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     context.barrier()
-    resume = _resume_dir(config, manager)
+    resume = find_resume_dir(config, manager)
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)

@@ -9,6 +9,7 @@ place only after all ranks are done.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from train.checkpoint import (
     save_state,
     write_json,
 )
-from train.cloc_config import CLOCTrainConfig
+from train.cloc_config import CLOCTrainConfig, ConfigError
 from train.cloc_data import RegionTextDataset
 from train.cloc_metrics import MetricsLogger
 from train.cloc_runtime import DistributedContext, checkpoint_state_dict
@@ -159,16 +160,49 @@ def load_checkpoint(run: Run, folder: Path) -> TrainerState:
     return TrainerState.from_json(saved)
 
 
-def resync_schedule(scheduler: Any, peak_lr: float) -> None:
+def resync_schedule(scheduler: Any, peak_lr: float | Sequence[float]) -> None:
     """Set every group's lr from the *current* config's schedule at the restored step.
 
     The optimizer state holds the lr its last step left behind, computed with the old run's ``max_steps``; this
     makes a resumed run follow the new config (e.g. a raised ``max_steps``) and changes nothing otherwise.
+    ``peak_lr`` is one peak for every parameter group, or one per group.
     """
-    scheduler.base_lrs = [peak_lr for _ in scheduler.base_lrs]
-    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
-        group["initial_lr"] = peak_lr
-        group["lr"] = peak_lr * factor(scheduler.last_epoch)
+    groups = scheduler.optimizer.param_groups
+    peaks = [float(peak_lr)] * len(groups) if isinstance(peak_lr, (int, float)) else [float(p) for p in peak_lr]
+    scheduler.base_lrs = list(peaks)
+    for group, factor, peak in zip(groups, scheduler.lr_lambdas, peaks, strict=True):
+        group["initial_lr"] = peak
+        group["lr"] = peak * factor(scheduler.last_epoch)
 
 
-__all__ = ["DEEPSPEED_TAG", "Run", "TrainerState", "load_checkpoint", "resync_schedule", "save_checkpoint"]
+def find_resume_dir(config: Any, manager: CheckpointManager) -> Path | None:
+    """The checkpoint a run starts from: ``config.resume_from``, or with ``config.resume`` the latest one in
+    ``output_dir`` (``None`` when there is none yet). A fresh start into an ``output_dir`` that already holds
+    checkpoints is refused, so a forgotten ``--resume`` never overwrites a run."""
+    if config.resume_from:
+        folder = Path(config.resume_from)
+        if not manager.is_complete(folder):
+            raise ConfigError(f"resume_from={folder}: not a complete checkpoint (no trainer_state.json)")
+        return folder
+    latest = manager.latest()
+    if config.resume:
+        if latest is None:
+            logger.info("resume: no checkpoint in %s yet; starting from scratch", config.output_dir)
+        return latest
+    if latest is not None:
+        raise ConfigError(
+            f"output_dir={config.output_dir} already holds checkpoints ({latest.name}); "
+            "resume with --resume (resume=true) or choose another output_dir"
+        )
+    return None
+
+
+__all__ = [
+    "DEEPSPEED_TAG",
+    "Run",
+    "TrainerState",
+    "find_resume_dir",
+    "load_checkpoint",
+    "resync_schedule",
+    "save_checkpoint",
+]

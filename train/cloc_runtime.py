@@ -137,13 +137,34 @@ def _find_auto(value: Any, path: str = "") -> list[str]:
     return [path] if value == "auto" else []
 
 
-def deepspeed_config(path: str | os.PathLike[str], config: CLOCTrainConfig, world_size: int) -> dict[str, Any]:
+def _fill_auto(data: dict[str, Any], auto_values: dict[str, Any]) -> None:
+    """Replace ``"auto"`` at the dotted keys of ``auto_values`` (e.g. ``"zero_optimization.reduce_bucket_size"``)."""
+    for dotted, value in auto_values.items():
+        *parents, leaf = dotted.split(".")
+        target = data
+        for part in parents:
+            target = target.get(part)
+            if not isinstance(target, dict):
+                break
+        else:
+            if target.get(leaf) == "auto":
+                target[leaf] = value
+
+
+def deepspeed_config(
+    path: str | os.PathLike[str],
+    config: CLOCTrainConfig,
+    world_size: int,
+    auto_values: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Read a DeepSpeed JSON config and fill in the values the train config owns.
 
-    Set from ``config``: ``train_micro_batch_size_per_gpu`` (``batch_size``), ``gradient_accumulation_steps``,
-    ``train_batch_size``, ``gradient_clipping`` (``grad_clip``, 0 = off) and ``bf16.enabled``
-    (``precision == "bf16"``). The optimizer and schedule are the trainer's torch AdamW + cosine, so the JSON must
-    not define ``optimizer`` or ``scheduler``; ``fp16`` is not supported (use bf16).
+    Set from ``config`` (any train config with these fields): ``train_micro_batch_size_per_gpu`` (``batch_size``),
+    ``gradient_accumulation_steps``, ``train_batch_size``, ``gradient_clipping`` (``grad_clip``, 0 = off) and
+    ``bf16.enabled`` (``precision == "bf16"``). The optimizer and schedule are the trainer's own (torch AdamW +
+    cosine), so the JSON must not define ``optimizer`` or ``scheduler``; ``fp16`` is not supported (use bf16).
+    ``auto_values`` maps dotted keys to the values that replace an ``"auto"`` there (the MLLM trainer sizes ZeRO-3
+    buckets from the LLM's hidden size); any other ``"auto"`` is an error.
     """
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(data, dict):
@@ -155,7 +176,7 @@ def deepspeed_config(path: str | os.PathLike[str], config: CLOCTrainConfig, worl
                 "(configure them with lr, betas, weight_decay, warmup_steps in the train config)"
             )
     if data.get("fp16", {}).get("enabled", False):
-        raise ConfigError(f"{path}: fp16 is not supported for CLOC pretraining; set precision=bf16 instead")
+        raise ConfigError(f"{path}: fp16 is not supported by this trainer; set precision=bf16 instead")
     data["train_micro_batch_size_per_gpu"] = config.batch_size
     data["gradient_accumulation_steps"] = config.gradient_accumulation_steps
     data["train_batch_size"] = config.batch_size * config.gradient_accumulation_steps * world_size
@@ -163,6 +184,7 @@ def deepspeed_config(path: str | os.PathLike[str], config: CLOCTrainConfig, worl
     data["bf16"] = {**data.get("bf16", {}), "enabled": config.precision == "bf16"}
     data.setdefault("steps_per_print", 10**9)
     data.setdefault("wall_clock_breakdown", False)
+    _fill_auto(data, auto_values or {})
     if leftover := _find_auto(data):
         raise ConfigError(f"{path}: 'auto' is not a DeepSpeed value; set {leftover} explicitly")
     return data

@@ -1,0 +1,290 @@
+"""The state of a running MLLM training job, and saving / resuming it through :mod:`train.checkpoint`.
+
+A checkpoint ``step-NNNNNN/`` holds what a user needs from that point of the run, plus what resuming needs:
+
+=====================================  ==============================================================================
+``mm_projector.safetensors``           both projectors (always; what stage 2's ``pretrain_mm_projector`` reads)
+``model.safetensors``, ``config.json`` stage 2 full fine-tuning: the whole model (``save_pretrained``; loadable alone)
+``adapter_model.safetensors`` + cfg    stage 2 LoRA: the PEFT adapter, plus ``non_lora_trainables.safetensors``
+                                       (projectors, prompter, ViT when tuned) and ``lora_info.json`` (the base folder)
+``trainable.safetensors``              every trainable parameter (resume without DeepSpeed; not for full fine-tuning)
+tokenizer files, processor files       the tokenizer (with the chat template) and the processor
+``optimizer.*``, ``scheduler.json``    optimizer / schedule state (no DeepSpeed), tensors in safetensors, no pickle
+``deepspeed/``                         under DeepSpeed: the engine's checkpoint (frozen weights excluded)
+``rng_state_rank<r>.json``             every rank's RNG states
+``train_config.yaml``, ``trainer_state.json`` (written last)
+=====================================  ==============================================================================
+
+Frozen weights are never stored in a step checkpoint: the trainer rebuilds them deterministically from the config
+(``model_path`` / ``vision_tower`` / ``language_model`` / ``init_seed``). Every rank calls :func:`save_mllm_checkpoint`
+and :func:`load_mllm_checkpoint` at the same step (barriers, DeepSpeed's collective save/load, ZeRO-3 gathers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from train.checkpoint import (
+    TRAINER_STATE,
+    CheckpointManager,
+    capture_rng_state,
+    load_state,
+    read_json,
+    restore_rng_state,
+    save_state,
+    write_json,
+)
+from train.cloc_metrics import MetricsLogger
+from train.cloc_run import DEEPSPEED_TAG, TrainerState, resync_schedule
+from train.cloc_runtime import DistributedContext
+from train.mllm_build import MM_PROJECTOR_FILE, PROJECTOR_PREFIXES, save_projector, unwrap
+from train.mllm_config import MLLMTrainConfig
+
+logger = logging.getLogger(__name__)
+TRAINABLE_FILE = "trainable.safetensors"
+NON_LORA_FILE = "non_lora_trainables.safetensors"
+LORA_INFO_FILE = "lora_info.json"
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class MLLMTrainerState(TrainerState):
+    """:class:`~train.cloc_run.TrainerState` plus ``skipped_too_long`` (samples that could not fit ``max_length``)."""
+
+    skipped_too_long: int = 0
+    pending_too_long: int = field(default=0, repr=False)
+
+    def flush_skipped(self, context: DistributedContext) -> int:
+        totals = context.reduce({"images": self.pending_skipped, "long": self.pending_too_long}, op="sum")
+        self.skipped_images += int(totals["images"])
+        self.skipped_too_long += int(totals["long"])
+        self.pending_skipped = self.pending_too_long = 0
+        return self.skipped_images
+
+    def to_json(self, config: Any, context: DistributedContext) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("pending_skipped")
+        data.pop("pending_too_long")
+        data.update(
+            world_size=context.world_size,
+            batch_size=config.batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            seed=config.seed,
+            stage=config.stage,
+        )
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MLLMTrainerState:
+        names = ("step", "epoch", "position", "micro_batches", "skipped_images", "skipped_too_long", "log_history")
+        return cls(**{name: data[name] for name in names if name in data})
+
+
+@dataclass
+class MLLMRun:
+    """Everything the loop touches. ``model`` is the model being trained (a PEFT wrapper with LoRA, else the
+    :class:`~mllm.CLOCLlavaForConditionalGeneration`); ``module`` is what is called (model, DDP or DeepSpeed)."""
+
+    config: MLLMTrainConfig
+    context: DistributedContext
+    manager: CheckpointManager
+    model: nn.Module
+    module: Any
+    optimizer: Any
+    scheduler: Any
+    peak_lrs: list[float]
+    tokenizer: Any
+    processor: Any
+    dataset: Any
+    precision: str = "fp32"
+    source: dict[str, Any] = field(default_factory=dict)
+    base_dir: Path | None = None
+    engine: Any = None
+    ddp: Any = None
+    metrics: MetricsLogger | None = None
+    batches_per_epoch: int = 1
+    max_steps: int = 1
+    trainable_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def is_lora(self) -> bool:
+        return self.model is not unwrap(self.model)
+
+    @property
+    def full_model(self) -> bool:
+        """Stage 2 full fine-tuning: checkpoints hold the whole model."""
+        return self.config.stage == 2 and not self.is_lora
+
+    @property
+    def zero3(self) -> bool:
+        return self.engine is not None and self.engine.zero_optimization_stage() == 3
+
+    def trainable_names(self) -> list[str]:
+        return [name for name, parameter in self.model.named_parameters() if parameter.requires_grad]
+
+    def restore_rng(self, folder: Path) -> None:
+        name = f"rng_state_rank{self.context.rank}"
+        if (folder / f"{name}.json").exists():
+            restore_rng_state(load_state(folder, name))
+        else:
+            logger.warning("%s has no %s; random streams will differ from the original run", folder, name)
+
+
+def gather_state(run: MLLMRun, everything: bool = False) -> dict[str, torch.Tensor] | None:
+    """Trainable parameters (or, with ``everything``, the full state dict) as CPU tensors on rank 0, ``None`` on the
+    other ranks. Collective under ZeRO-3 (parameters are gathered layer by layer)."""
+    if run.zero3:
+        state = run.engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=not everything)
+        if state is None:
+            return None
+        if not everything:
+            wanted = set(run.trainable_names())
+            state = {k: v for k, v in state.items() if k in wanted}
+        return dict(state)
+    if not run.context.is_main:
+        return None
+    if everything:
+        return {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
+    return {n: p.detach().cpu().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+
+
+def _unwrapped_name(name: str) -> str:
+    return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
+
+
+def _write_outputs(run: MLLMRun, folder: Path, trainable: dict[str, torch.Tensor], full: dict | None) -> None:
+    """Rank 0: the user-facing files of a checkpoint (see the module docstring)."""
+    inner = unwrap(run.model)
+    projector = {}
+    for name, tensor in trainable.items():
+        plain = _unwrapped_name(name)
+        if plain.startswith(PROJECTOR_PREFIXES):
+            projector[plain] = tensor
+    save_projector(projector, folder / MM_PROJECTOR_FILE, run.source)
+    if run.full_model:
+        inner.save_pretrained(folder, state_dict=full)
+    else:
+        save_file({k: v.contiguous() for k, v in trainable.items()}, str(folder / TRAINABLE_FILE))
+    if run.is_lora:
+        run.model.peft_config["default"].base_model_name_or_path = str(run.base_dir.resolve()) if run.base_dir else None
+        run.model.save_pretrained(folder, state_dict=trainable)
+        others = {_unwrapped_name(k): v.contiguous() for k, v in trainable.items() if "lora_" not in k}
+        save_file(others, str(folder / NON_LORA_FILE))
+        write_json(folder / LORA_INFO_FILE, {"base_model": str(run.base_dir.resolve()) if run.base_dir else None})
+    run.tokenizer.save_pretrained(folder)
+    run.processor.save_pretrained(folder)
+    if not run.full_model:
+        # the architecture, for reference (no weights here: load stage-1 / LoRA results as the docs say)
+        (folder / "model_config.json").write_text(inner.config.to_json_string(), encoding="utf-8")
+
+
+def save_mllm_checkpoint(run: MLLMRun, state: MLLMTrainerState) -> Path:
+    """Write ``step-NNNNNN`` atomically (collective: every rank calls it at the same step)."""
+    context, config, manager = run.context, run.config, run.manager
+    state.flush_skipped(context)
+    if context.is_main:
+        manager.begin(state.step)
+    context.barrier()
+    tmp = manager.tmp_path(state.step)
+    if run.engine is not None:
+        run.engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
+    save_state(tmp, f"rng_state_rank{context.rank}", capture_rng_state())
+    full = gather_state(run, everything=True) if run.full_model else None
+    trainable = gather_state(run)
+    if context.is_main:
+        _write_outputs(run, tmp, trainable, full)
+        config.save_yaml(tmp / "train_config.yaml")
+        if run.engine is None:
+            save_state(tmp, "optimizer", run.optimizer.state_dict())
+            save_state(tmp, "scheduler", run.scheduler.state_dict())
+    context.barrier()
+    final = manager.path(state.step)
+    if context.is_main:
+        write_json(tmp / TRAINER_STATE, state.to_json(config, context))
+        final = manager.commit(state.step)
+        logger.info("saved checkpoint %s", final)
+    context.barrier()
+    return final
+
+
+def _load_full_model(model: nn.Module, folder: Path) -> None:
+    """``model.safetensors`` (or its shards) into the model; only tied weights may be missing."""
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(folder / file)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {}) if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(
+            f"{folder}: model.safetensors does not match (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+
+
+def load_mllm_checkpoint(run: MLLMRun, folder: Path) -> MLLMTrainerState:
+    """Restore trainable weights, optimizer, scheduler and progress (RNG: :meth:`MLLMRun.restore_rng`)."""
+    saved = read_json(folder / TRAINER_STATE)
+    config, context = run.config, run.context
+    if saved.get("stage", config.stage) != config.stage:
+        raise RuntimeError(f"{folder} is a stage-{saved.get('stage')} checkpoint; this run is stage {config.stage}")
+    before = saved.get("batch_size", config.batch_size) * saved.get("world_size", context.world_size)
+    if before != config.batch_size * context.world_size:
+        logger.warning("resuming with another global batch (%d instead of %d): the data order will differ",
+                       config.batch_size * context.world_size, before)  # fmt: skip
+    if run.engine is not None:
+        if not (folder / DEEPSPEED_TAG).is_dir():
+            raise RuntimeError(f"{folder} was not written under DeepSpeed; it holds no {DEEPSPEED_TAG}/ engine state")
+        run.engine.load_checkpoint(
+            str(folder),
+            tag=DEEPSPEED_TAG,
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+    else:
+        if run.full_model:
+            _load_full_model(unwrap(run.model), folder)
+        else:
+            state = load_file(str(folder / TRAINABLE_FILE))
+            expected = set(run.trainable_names())
+            if set(state) != expected:
+                raise RuntimeError(
+                    f"{folder}: the trainable parameters differ from this run's (saved {len(state)}, here "
+                    f"{len(expected)}; e.g. {sorted(set(state) ^ expected)[:3]}): same stage, LoRA and tune_* flags?"
+                )
+            _, unexpected = run.model.load_state_dict(state, strict=False)
+            if unexpected:
+                raise RuntimeError(f"{folder}: unexpected keys {unexpected[:5]}")
+        if not (folder / "optimizer.json").exists():
+            raise RuntimeError(f"{folder} holds no optimizer.json (written under DeepSpeed? resume with deepspeed=...)")
+        run.optimizer.load_state_dict(load_state(folder, "optimizer"))
+        run.scheduler.load_state_dict(load_state(folder, "scheduler"))
+    resync_schedule(run.scheduler, run.peak_lrs)
+    return MLLMTrainerState.from_json(saved)
+
+
+def read_lora_info(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / LORA_INFO_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+__all__ = [
+    "LORA_INFO_FILE",
+    "NON_LORA_FILE",
+    "TRAINABLE_FILE",
+    "MLLMRun",
+    "MLLMTrainerState",
+    "gather_state",
+    "load_mllm_checkpoint",
+    "read_lora_info",
+    "save_mllm_checkpoint",
+]
