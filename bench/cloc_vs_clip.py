@@ -1,7 +1,8 @@
 """CLOC (prompter) against a CLIP-only encoder at the same training budget: the paper's Table 2 in miniature.
 
-Both encoders are the same tiny CLIP-layout model trained on the synthetic world for the same number of steps;
-the CLIP-only one has the region losses off (``max_regions_per_image=0``, so ``λ = 0``). The CLIP-only encoder gets
+All encoders are the same tiny CLIP-layout model trained on the synthetic world for the same number of steps: CLOC
+with the prompter's average pool over the prompt positions (the default) or over all tokens, and a CLIP-only one
+with the region losses off (``max_regions_per_image=0``, so ``λ = 0``). The CLIP-only encoder gets
 region embeddings the two ways a CLIP user would:
 
 - **crop**: cut each box out of the original image, preprocess it like a whole image, re-encode it with the ViT;
@@ -194,17 +195,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = read_region_text(world / "test.jsonl")
 
     start = time.perf_counter()
-    checkpoints = {
-        "CLOC": train(world, args.out, "cloc", args.steps, args.overrides),
-        "CLIP-only": train(world, args.out, "clip_only", args.steps, ["max_regions_per_image=0", *args.overrides]),
+    runs = {  # name: (train-config overrides, region methods)
+        "CLOC (pool prompts)": (["model_overrides.prompter_pool=prompts"], {"prompter": prompter_regions}),
+        "CLOC (pool all)": (["model_overrides.prompter_pool=all"], {"prompter": prompter_regions}),
+        "CLIP-only": (["max_regions_per_image=0"], {"crop": crop_regions, "RoI pool": roi_pool_regions}),
     }
     rows = []
-    for name, methods in (
-        ("CLOC", {"prompter": prompter_regions}),
-        ("CLIP-only", {"crop": crop_regions, "RoI pool": roi_pool_regions}),
-    ):
-        model = CLOCModel.from_pretrained(checkpoints[name]).eval()
-        tokenizer = AutoTokenizer.from_pretrained(checkpoints[name])
+    for index, (name, (overrides, methods)) in enumerate(runs.items()):
+        checkpoint = train(world, args.out, f"run{index}", args.steps, [*overrides, *args.overrides])
+        model = CLOCModel.from_pretrained(checkpoint).eval()
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         processor = CLOCImageProcessor.for_model(model.config)
         for method, regions in methods.items():
             metrics = score(model, tokenizer, records, encode_split(model, processor, records, regions))

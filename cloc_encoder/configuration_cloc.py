@@ -37,7 +37,9 @@ class CLOCConfig(PreTrainedConfig):
     - ``prompter_key_positions``: ``"sinusoidal"`` adds the patch centres' sinusoidal encoding (same settings as the
       corner tokens; own linear map to ViT width, then the layer's first LayerNorm) to the image tokens' key inputs,
       so corner queries can match positions from the start (as SAM adds its dense positional encoding to the image
-      keys); ``"none"`` uses the patch tokens alone. Values are left unchanged.
+      keys); ``"none"`` (default) uses the patch tokens alone. Values are left unchanged. Measured on the synthetic
+      world (450 steps, batch 64): without the box attention bias it lifts region classification from ~25% to 37-57%
+      (71-74% at 900 steps); with the bias at 4.0 it adds nothing (76% vs 79%), so it is off by default.
     - ``prompter_box_attention_bias``: added to a box prompt's attention logits for the image tokens whose patch
       centre lies inside the box (a soft RoI prior, like an ALiBi-style bias; 0 disables it). Without it the
       attention starts uniform and stayed image-level on the synthetic world (region classification 25% after 600
@@ -47,6 +49,10 @@ class CLOCConfig(PreTrainedConfig):
     - ``text_prompt_input``: which text vector becomes the text prompt token: ``"embedding"`` (the projected,
       normalised text embedding) or ``"pooled"`` (the text tower's pooled output before projection).
     - ``box_head_input``: what the box head reads: ``"pooled"`` (prompter output at ViT width) or ``"embedding"``.
+    - ``box_head_attention_geometry``: the box head also reads where the text prompt's attention falls (mean and
+      spread of the patch centres under it, 4 numbers), so the grounding loss trains the attention directly.
+      Measured on the synthetic world (batch 64, grounding weight 10): without it text→box Acc@0.5 stayed at 2-3%
+      for 900 steps even with 86% region classification; with it 10% at 450 steps and 13% at 600, loss falling.
     - ``box_head_hidden_size``: hidden width of the 2-layer GELU MLP (defaults to ViT width).
 
     Loss fields: ``contrastive_loss`` (``"softmax"`` InfoNCE or SigLIP's ``"sigmoid"``), ``region_negative_threshold``
@@ -71,12 +77,13 @@ class CLOCConfig(PreTrainedConfig):
     prompter_num_frequencies: int = 32
     prompter_max_frequency: float = 64.0
     prompter_mlp_ratio: float = 4.0
-    prompter_key_positions: Literal["none", "sinusoidal"] = "sinusoidal"
+    prompter_key_positions: Literal["none", "sinusoidal"] = "none"
     prompter_box_attention_bias: float = 4.0
     prompter_include_cls: bool = False
     prompter_pool_norm: bool = True
     text_prompt_input: Literal["embedding", "pooled"] = "embedding"
     box_head_input: Literal["pooled", "embedding"] = "pooled"
+    box_head_attention_geometry: bool = True
     box_head_hidden_size: int | None = None
     contrastive_loss: Literal["softmax", "sigmoid"] = "softmax"
     region_negative_threshold: float = 0.9

@@ -151,6 +151,7 @@ class CLOCModel(CLOCPreTrainedModel):
         )
         self.prompter = RegionPrompter(config)
         box_input = config.vision_width if config.box_head_input == "pooled" else config.projection_dim
+        box_input += 4 if config.box_head_attention_geometry else 0
         self.box_head = BoxHead(box_input, config.box_head_hidden_size or config.vision_width)
         self.post_init()
 
@@ -221,9 +222,12 @@ class CLOCModel(CLOCPreTrainedModel):
         ``config.text_prompt_input == "pooled"``); returns ``(R, 4)`` model-frame ``xyxy``."""
         if self.config.text_prompt_input == "embedding":
             text_vectors = F.normalize(text_vectors, dim=-1)
-        prompts = self.prompter.text_prompts(text_vectors.to(state.patch_tokens.dtype))
-        pooled = self.prompter.pooled(prompts, state.patch_tokens, image_index, self._key_values(state))
+        pooled, geometry = self.prompter.text_features(
+            text_vectors, state.patch_tokens, image_index, self._key_values(state)
+        )
         features = pooled if self.config.box_head_input == "pooled" else self.prompter.embed(pooled)
+        if self.config.box_head_attention_geometry:
+            features = torch.cat([features, geometry.to(features.dtype)], dim=-1)
         return self.box_head(features)
 
     # ----- training forward -------------------------------------------------------------------------------------

@@ -124,6 +124,17 @@ class PrompterLayer(nn.Module):
         key_input = normed if positions is None else normed + positions.to(normed.dtype)
         return self.k_proj(key_input), self.v_proj(normed)
 
+    def prompt_image_attention(
+        self, prompts: torch.Tensor, image_keys: torch.Tensor, image_index: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention of each prompt over its image's tokens ``(R, T, P)``, renormalised over the image tokens.
+
+        The same logits as the layer computes (both pooling modes share the image keys), so this is exactly how
+        the layer distributes a prompt's image attention. Used to read where a text prompt looks.
+        """
+        query = self.q_proj(self.norm1(prompts)) * self.scale
+        return (query @ image_keys[image_index].transpose(1, 2)).softmax(dim=-1)
+
     def forward_prompts(
         self,
         prompts: torch.Tensor,
@@ -226,6 +237,30 @@ class RegionPrompter(nn.Module):
     def text_prompts(self, text_vectors: torch.Tensor) -> torch.Tensor:
         """``(R, D_text)`` text vectors → ``(R, 1, W)`` prompt tokens."""
         return self.text_projection(text_vectors).unsqueeze(1)
+
+    def text_features(
+        self,
+        text_vectors: torch.Tensor,
+        image_tokens: torch.Tensor,
+        image_index: torch.Tensor,
+        image_key_values: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text prompts → pooled outputs ``(R, W)`` and the geometry of their image attention ``(R, 4)``.
+
+        The geometry is ``4·(mean − 0.5)`` and ``4·spread`` of the patch centres (model frame, x then y) under the
+        prompt's attention over the patch tokens (CLS excluded): where the text looks and how widely.
+        """
+        prompts = self.text_prompts(text_vectors.to(image_tokens.dtype))
+        keys, values = image_key_values or self.layer.image_key_values(image_tokens)
+        pooled = self.pooled(prompts, image_tokens, image_index, (keys, values))
+        weights = self.layer.prompt_image_attention(prompts, keys, image_index)[:, 0]  # (R, P)
+        centres, has_cls = patch_centres(image_tokens.shape[1], weights.device, weights.dtype)
+        if has_cls:
+            weights = weights[:, 1:] / weights[:, 1:].sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        mean = weights @ centres  # (R, 2)
+        variance = (weights.unsqueeze(-1) * (centres.unsqueeze(0) - mean.unsqueeze(1)).square()).sum(dim=1)
+        geometry = torch.cat([4 * (mean - 0.5), 4 * variance.clamp_min(1e-8).sqrt()], dim=-1)
+        return pooled, geometry
 
     def box_attention_bias(self, boxes: torch.Tensor, num_tokens: int) -> torch.Tensor | None:
         """``(R, P)``: ``prompter_box_attention_bias`` for image tokens whose patch centre lies inside the box, 0

@@ -111,3 +111,24 @@ def test_box_attention_bias_marks_the_patches_inside_the_box(tiny_cloc):
     assert with_cls.shape == (2, 17) and torch.equal(with_cls[:, 0], torch.zeros(2))
     with pytest.raises(ValueError, match="square patch grid"):
         prompter.box_attention_bias(boxes, 15)
+
+
+def test_text_attention_geometry_reads_where_the_prompt_looks(tiny_cloc):
+    """Uniform attention → centred mean and the grid's spread; attention on one patch → that patch's centre."""
+    prompter = tiny_cloc.prompter
+    image_tokens = torch.randn(1, 16, tiny_cloc.config.vision_width)  # 4×4 grid
+    texts = torch.randn(2, tiny_cloc.config.projection_dim)
+    index = torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        prompter.layer.q_proj.weight.zero_()
+        prompter.layer.q_proj.bias.zero_()  # zero queries: uniform attention
+        _, geometry = prompter.text_features(texts, image_tokens, index)
+        spread = torch.tensor([0.125, 0.375, 0.625, 0.875]).std(unbiased=False)
+        torch.testing.assert_close(geometry, torch.tensor([[0.0, 0.0, 4 * spread, 4 * spread]] * 2))
+
+        keys, values = prompter.layer.image_key_values(image_tokens)
+        keys = torch.zeros_like(keys)
+        keys[0, 6] = 1e4  # only patch (row 1, col 2) answers any query
+        prompter.layer.q_proj.bias.fill_(1.0)
+        _, geometry = prompter.text_features(texts, image_tokens, index, (keys, values))
+        torch.testing.assert_close(geometry[:, :2], torch.tensor([[4 * (0.625 - 0.5), 4 * (0.375 - 0.5)]] * 2))
