@@ -109,13 +109,18 @@ class CLOCImageProcessor(ImageProcessingMixin):
         size = self.image_size
         if self.resize_mode == "squash":
             new_width, new_height = size, size
-        else:
-            fit = max if self.resize_mode == "pad" else min
-            ratio = size / fit(width, height)
+        elif self.resize_mode == "pad":
+            ratio = size / max(width, height)
             new_width, new_height = max(1, round(width * ratio)), max(1, round(height * ratio))
+        else:  # crop: as CLIPImageProcessor (short side to S, long side truncated, then a centre crop)
+            short, long = min(width, height), max(width, height)
+            long_side = max(size, int(size * long / short))
+            new_width, new_height = (long_side, size) if width >= height else (size, long_side)
         if self.resize_mode == "pad" and self.pad_position == "top_left":
             offset_x = offset_y = 0.0
-        else:  # centred padding, or centred crop (negative offsets)
+        elif self.resize_mode == "crop":  # the crop starts (new - S) // 2 into the resized image, as CLIP's
+            offset_x, offset_y = -((new_width - size) // 2), -((new_height - size) // 2)
+        else:  # centred padding
             offset_x, offset_y = (size - new_width) // 2, (size - new_height) // 2
         return FrameTransform(
             width=width,

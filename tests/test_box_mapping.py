@@ -78,3 +78,19 @@ def test_mapped_box_lands_on_the_drawn_pixels(layout, size):
         found = np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]) / 64
         expected = batch["boxes"][0][0].numpy()
         assert np.abs(found - expected).max() * 64 <= 1.5, (found * 64, expected * 64)
+
+
+@pytest.mark.parametrize("size", [(337, 336), (500, 333), (333, 500), (1001, 700)])
+def test_crop_mode_matches_clip_image_processor(size):
+    """``resize_mode="crop"`` reproduces CLIPImageProcessor (LLaVA-1.5's preprocessing): same resize rounding and
+    crop offset, pixel values within one 8-bit level (PIL vs torchvision bicubic)."""
+    from transformers import CLIPImageProcessor
+
+    width, height = size
+    image = Image.fromarray(np.random.default_rng(width).integers(0, 255, (height, width, 3), dtype=np.uint8))
+    reference = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    expected = reference(image, return_tensors="pt")["pixel_values"][0]
+    ours = CLOCImageProcessor(image_size=336, resize_mode="crop")(image)["pixel_values"][0]
+    level = 1 / 255 / min(ours_std for ours_std in reference.image_std)
+    assert (ours - expected).abs().max().item() <= 1.01 * level
+    assert (ours - expected).abs().mean().item() < 1e-3
