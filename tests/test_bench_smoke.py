@@ -31,3 +31,12 @@ def test_quick_command_prints_the_table(capsys):
     finally:
         torch.set_num_threads(threads)
     assert "speed-up prompts" in capsys.readouterr().out
+
+
+def test_generate_bench_smoke():
+    """The generation bench runs, and the converted model generates transformers' tokens (checked inside)."""
+    from bench.generate import run
+
+    result = run(quick=True)
+    assert result["ratio_ours_vs_transformers"] > 0 and result["batch8_vs_batch1_throughput"] > 0
+    assert result["new_tokens"] == 8

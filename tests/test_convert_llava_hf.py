@@ -11,117 +11,19 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaProcessor,
-    PreTrainedTokenizerFast,
 )
 
 import mllm
 from cloc_encoder import CLOCModel
 from cloc_encoder.factory import build_cloc_model
 from mllm.convert_llava_hf import REPORT_NAME, ConversionError, convert_llava_hf, main
-from mllm.tiny import TINY_CORPUS
+from mllm.tiny_llava_hf import IMAGE_SIZE, PATCH, save_tiny_llava_hf
 
-IMAGE_SIZE, PATCH = 32, 8
 IMAGE_SEQ_LENGTH = (IMAGE_SIZE // PATCH) ** 2
-# A template in the style of llava-1.5-hf's: "USER: <image>\n<text> ASSISTANT:".
-LLAVA_HF_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}"
-    "{% else %}{{ part['text'] + ' ' }}{% endif %}{% endfor %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-
-
-def _llava_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE with ``<image>`` but no ``<region>``, as llava-1.5-hf's tokenizer."""
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator([t.replace("<region>", "region") for t in TINY_CORPUS], trainer=trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image>"},
-        padding_side="left",
-    )
-
-
-def _save_llava_hf(
-    path, vocab_padding: int = 8, seed: int = 0, tie_word_embeddings: bool = False, max_shard_size: str = "50GB"
-) -> None:
-    """A tiny random llava-hf model + processor saved as transformers writes it (``vocab_padding`` spare rows, as
-    llava-1.5-hf pads 32002 tokens to 32064)."""
-    tokenizer = _llava_tokenizer()
-    vision = CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH,
-        projection_dim=32,
-    )
-    text = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        vocab_size=len(tokenizer) + vocab_padding,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=tie_word_embeddings,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=IMAGE_SEQ_LENGTH,
-    )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    with torch.no_grad():  # a wider language model than the default init, so greedy tokens depend on the input
-        for name, parameter in model.model.language_model.named_parameters():
-            if parameter.ndim == 2:
-                parameter.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(hash(name) % 2**31))
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_HF_TEMPLATE,
-    )
-    model.save_pretrained(path, max_shard_size=max_shard_size)
-    processor.save_pretrained(path)
 
 
 def _image(width: int, height: int, seed: int) -> Image.Image:
@@ -137,7 +39,7 @@ def _prompt(question: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     path = tmp_path_factory.mktemp("llava-hf")
-    _save_llava_hf(path)
+    save_tiny_llava_hf(path)
     return path
 
 
@@ -304,7 +206,7 @@ def test_other_key_layouts_convert_to_the_same_model(source, converted, layout, 
 
 
 def test_embeddings_resized_when_region_does_not_fit(tmp_path):
-    _save_llava_hf(tmp_path / "src", vocab_padding=0, seed=1)
+    save_tiny_llava_hf(tmp_path / "src", vocab_padding=0, seed=1)
     report = convert_llava_hf(tmp_path / "src", tmp_path / "out")
     assert report.vocab_size_after == report.vocab_size_before + 1 == report.region_token_id + 1
     reference = LlavaForConditionalGeneration.from_pretrained(tmp_path / "src").eval()
@@ -319,7 +221,7 @@ def test_embeddings_resized_when_region_does_not_fit(tmp_path):
 
 
 def test_sharded_checkpoint_with_tied_embeddings(tmp_path):
-    _save_llava_hf(tmp_path / "src", seed=3, tie_word_embeddings=True, max_shard_size="100KB")
+    save_tiny_llava_hf(tmp_path / "src", seed=3, tie_word_embeddings=True, max_shard_size="100KB")
     assert (tmp_path / "src" / "model.safetensors.index.json").is_file()
     report = convert_llava_hf(tmp_path / "src", tmp_path / "out")
     assert report.fresh["lm_head.weight"] == "tied to the input embeddings"
