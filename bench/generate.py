@@ -28,7 +28,7 @@ from mllm.convert_llava_hf import convert_llava_hf
 from mllm.tiny_llava_hf import save_tiny_llava_hf
 
 
-def _inputs(config, batch: int, prompt_tokens: int, seed: int) -> dict[str, torch.Tensor]:
+def make_inputs(config, batch: int, prompt_tokens: int, seed: int) -> dict[str, torch.Tensor]:
     """``batch`` identical-length prompts: BOS, the image tokens, then random text tokens; one image each."""
     generator = torch.Generator().manual_seed(seed)
     vocab = config.text_config.vocab_size
@@ -44,6 +44,20 @@ def _inputs(config, batch: int, prompt_tokens: int, seed: int) -> dict[str, torc
     }
 
 
+def build_pair(text_layers: int, text_width: int) -> tuple[LlavaForConditionalGeneration, torch.nn.Module]:
+    """transformers' model and the converted CLOC-LLaVA, same weights (eval mode, fp32, CPU)."""
+    with tempfile.TemporaryDirectory() as folder:
+        source, converted = Path(folder) / "llava_hf", Path(folder) / "cloc_llava"
+        save_tiny_llava_hf(
+            source, image_size=64, patch_size=8, vision_layers=4, vision_width=128,
+            text_layers=text_layers, text_width=text_width,
+        )  # fmt: skip
+        convert_llava_hf(source, converted)
+        reference = LlavaForConditionalGeneration.from_pretrained(source).eval()
+        ours = AutoModelForImageTextToText.from_pretrained(converted).eval()
+    return reference, ours
+
+
 def _timed(generate: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
     start = time.perf_counter()
     output = generate()
@@ -56,18 +70,10 @@ def run(
     """Build, convert, time. Returns the medians (seconds) and the two ratios."""
     if quick:
         new_tokens, rounds, text_layers, text_width = 8, 2, 2, 64
-    with tempfile.TemporaryDirectory() as folder:
-        source, converted = Path(folder) / "llava_hf", Path(folder) / "cloc_llava"
-        save_tiny_llava_hf(
-            source, image_size=64, patch_size=8, vision_layers=4, vision_width=128,
-            text_layers=text_layers, text_width=text_width,
-        )  # fmt: skip
-        convert_llava_hf(source, converted)
-        reference = LlavaForConditionalGeneration.from_pretrained(source).eval()
-        ours = AutoModelForImageTextToText.from_pretrained(converted).eval()
+    reference, ours = build_pair(text_layers, text_width)
     settings = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
-    single = _inputs(reference.config, 1, 16, seed=0)
-    batch8 = _inputs(reference.config, 8, 16, seed=1)
+    single = make_inputs(reference.config, 1, 16, seed=0)
+    batch8 = make_inputs(reference.config, 8, 16, seed=1)
     times: dict[str, list[float]] = {"transformers": [], "ours": [], "ours_batch8": []}
     with torch.inference_mode():
         for round_index in range(rounds + 1):  # the first round warms up

@@ -40,3 +40,11 @@ def test_generate_bench_smoke():
     result = run(quick=True)
     assert result["ratio_ours_vs_transformers"] > 0 and result["batch8_vs_batch1_throughput"] > 0
     assert result["new_tokens"] == 8
+
+
+def test_train_step_bench_smoke():
+    """The training-step bench runs; both models start from equal losses (checked inside)."""
+    from bench.train_step import run
+
+    result = run(quick=True)
+    assert result["ours_s"] > 0 and result["transformers_s"] > 0
