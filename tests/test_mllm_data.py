@@ -16,7 +16,7 @@ from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor, get_box_
 from mllm.chat_template import VICUNA_V1_CHAT_TEMPLATE
 from mllm.tiny import tiny_config
 from train.mllm_conversations import (
-    ConversationReadReport,
+    conversation_read_report,
     conversations_from_record,
     main,
     parse_conversation,
@@ -131,7 +131,7 @@ def test_read_json_and_jsonl_with_skip_report(tmp_path):
     bad = {**SAMPLE, "id": "bad", "boxes": []}
     (tmp_path / "data.json").write_text(json.dumps([SAMPLE, bad]))
     (tmp_path / "more.jsonl").write_text(json.dumps({**SAMPLE, "id": "s2"}) + "\n{oops\n")
-    report = ConversationReadReport()
+    report = conversation_read_report()
     records = read_conversations(tmp_path, report=report)
     assert [r.id for r in records] == ["s1", "s2"] and report.records == 2 and len(report.skipped) == 2
     assert "id bad" in report.skipped[0] and "invalid JSON" in report.skipped[1]

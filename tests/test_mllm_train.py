@@ -6,9 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,9 +19,10 @@ from transformers import AutoModelForImageTextToText, AutoTokenizer
 import mllm
 from cloc_encoder.data.format import read_region_text
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor
+from tests.tiny_training import run_two_ranks
 from train.cloc_config import ConfigError
 from train.cloc_metrics import read_metrics
-from train.cloc_runtime import deepspeed_config, free_port
+from train.cloc_runtime import deepspeed_config
 from train.merge_lora import load_lora_model
 from train.merge_lora import main as merge_main
 from train.mllm_build import assemble_model, unwrap
@@ -332,37 +331,7 @@ def test_unreadable_images_are_skipped_and_counted(world, tmp_path):
 
 
 def _launch_two(config_path: Path, *extra: str) -> None:
-    env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "cloc-mllm" / "torch_extensions"))
-    env.update(
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-        PYTHONPATH=str(REPO),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-        WORLD_SIZE="2",
-    )
-    command = [sys.executable, "-m", "train.mllm_train", "--config", str(config_path), *extra]
-    processes = [
-        subprocess.Popen(
-            command,
-            cwd=REPO,
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    outputs = []
-    try:
-        outputs = [process.communicate(timeout=400)[0] for process in processes]
-    finally:
-        for process in processes:
-            process.kill()
-    for rank, (process, output) in enumerate(zip(processes, outputs, strict=True)):
-        assert process.returncode == 0, f"rank {rank} failed:\n{output[-4000:]}"
+    run_two_ranks([sys.executable, "-m", "train.mllm_train", "--config", str(config_path), *extra], timeout=400)
 
 
 def test_deepspeed_two_processes_stage1_then_stage2(data, tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from cloc_encoder import CLOCModel
 from tests.tiny_training import TINY_CLOC_OVERRIDES as TINY_MODEL
+from tests.tiny_training import run_two_ranks, subprocess_env
 from train.cloc_config import CLOCTrainConfig
 from train.cloc_metrics import read_metrics
 from train.cloc_pretrain import train_cloc
@@ -46,40 +46,9 @@ def _config(world: Path, output_dir: Path, **values) -> CLOCTrainConfig:
     return CLOCTrainConfig(**settings)
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "cloc-mllm" / "torch_extensions"))
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    return env
-
-
-def _launch_two(config_path: Path, *extra: str) -> list[subprocess.CompletedProcess]:
+def _launch_two(config_path: Path, *extra: str) -> list[str]:
     """Run ``python -m train.cloc_pretrain`` as ranks 0 and 1 of a 2-process gloo group."""
-    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
-    command = [sys.executable, "-m", "train.cloc_pretrain", "--config", str(config_path), *extra]
-    processes = [
-        subprocess.Popen(
-            command,
-            cwd=REPO,
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    results = []
-    for process in processes:
-        try:
-            output, _ = process.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            for other in processes:
-                other.kill()
-            raise
-        results.append(subprocess.CompletedProcess(command, process.returncode, output, ""))
-    for rank, result in enumerate(results):
-        assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout[-4000:]}"
-    return results
+    return run_two_ranks([sys.executable, "-m", "train.cloc_pretrain", "--config", str(config_path), *extra], TIMEOUT_S)
 
 
 def test_deepspeed_zero2_two_processes_train_save_resume(world, tmp_path):
@@ -132,7 +101,7 @@ def test_torchrun_ddp_two_processes(world, tmp_path):
         "--config",
         str(config_path),
     ]
-    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     train_records = [r for r in read_metrics(output_dir) if "loss" in r]
     assert [r["step"] for r in train_records] == [1, 2]
@@ -175,22 +144,4 @@ def test_rank_without_regions_joins_the_region_gathers(tmp_path):
     """A rank whose batch has no regions must not leave the others waiting in the region-loss collectives."""
     script = tmp_path / "no_regions.py"
     script.write_text(RANK_WITHOUT_REGIONS)
-    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
-    processes = [
-        subprocess.Popen(
-            [sys.executable, str(script)],
-            cwd=REPO,
-            env={**env, "RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    try:
-        outputs = [process.communicate(timeout=180)[0] for process in processes]
-    finally:
-        for process in processes:
-            process.kill()
-    for process, output in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, output[-3000:]
+    run_two_ranks([sys.executable, str(script)], timeout=180)

@@ -8,7 +8,6 @@ under ``torchrun`` (DDP) or the ``deepspeed`` launcher (``deepspeed=train/deepsp
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
@@ -33,8 +32,14 @@ from train.cloc_build import build_model, build_optimizer, build_scheduler, buil
 from train.cloc_config import CLOCTrainConfig, ConfigError, load_config
 from train.cloc_data import CLOCBatch, EvalBatchSampler, RegionTextDataset, ResumableBatchSampler, collate_cloc
 from train.cloc_metrics import MetricsLogger
-from train.cloc_run import Run, TrainerState, find_resume_dir, load_checkpoint, save_checkpoint
-from train.cloc_runtime import deepspeed_config, init_distributed, promote_scalar_parameters
+from train.cloc_run import Run, TrainerState, find_resume_dir, load_checkpoint, record_validation, save_checkpoint
+from train.cloc_runtime import (
+    deepspeed_config,
+    init_distributed,
+    launch_parser,
+    prepare_launch,
+    promote_scalar_parameters,
+)
 
 logger = logging.getLogger(__name__)
 LOSS_TERMS = ("loss", "loss_clip", "loss_region", "loss_grounding", "region_weight")
@@ -313,27 +318,16 @@ def _loop(
 
 
 def _validate(run: Run, state: TrainerState, val: RegionTextDataset) -> dict[str, float]:
-    metrics = evaluate(run, val)
-    if metrics:
-        record = {"step": state.step, "epoch": round(state.micro_batches / run.batches_per_epoch, 4), **metrics}
-        state.log_history.append(record)
-        run.metrics.log(record, prefix="val")
-        return record
-    return {}
+    return record_validation(run.metrics, state, run.batches_per_epoch, evaluate(run, val))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m train.cloc_pretrain", description="CLOC pretraining")
-    parser.add_argument("--config", type=Path, help="YAML config (train/configs/cloc_tiny.yaml)")
-    parser.add_argument("--resume", action="store_true", help="resume from output_dir's latest checkpoint")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides (dotted keys for mappings)")
+    parser = launch_parser(
+        "python -m train.cloc_pretrain", "CLOC pretraining", "YAML config (train/configs/cloc_tiny.yaml)"
+    )
     args = parser.parse_args(argv)
-    if args.local_rank is not None:  # the deepspeed launcher passes --local_rank as well as LOCAL_RANK
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    rank = prepare_launch(args)
     try:
         config = load_config(args.config, args.overrides)
         if args.resume:

@@ -206,3 +206,15 @@ __all__ = [
     "resync_schedule",
     "save_checkpoint",
 ]
+
+
+def record_validation(
+    metrics_logger: MetricsLogger, state: TrainerState, batches_per_epoch: int, metrics: dict[str, float]
+) -> dict[str, Any]:
+    """Append validation ``metrics`` (may be empty: nothing logged) to the history and the logs as ``val_*``."""
+    if not metrics:
+        return {}
+    record = {"step": state.step, "epoch": round(state.micro_batches / batches_per_epoch, 4), **metrics}
+    state.log_history.append(record)
+    metrics_logger.log(record, prefix="val")
+    return record

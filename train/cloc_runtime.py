@@ -6,7 +6,9 @@ by hand with ``MASTER_ADDR``/``MASTER_PORT``). The backend is ``nccl`` on CUDA a
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import socket
 from dataclasses import dataclass, field
@@ -199,3 +201,23 @@ __all__ = [
     "promote_scalar_parameters",
     "resolve_device",
 ]
+
+
+def launch_parser(prog: str, description: str, config_help: str) -> argparse.ArgumentParser:
+    """The trainers' shared command line: ``--config``, ``--resume``, the launcher's ``--local_rank``, overrides."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", type=Path, help=config_help)
+    parser.add_argument("--resume", action="store_true", help="resume from output_dir's latest checkpoint")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides (dotted keys for mappings)")
+    return parser
+
+
+def prepare_launch(args: argparse.Namespace) -> str:
+    """Export the launcher's ``--local_rank`` (the deepspeed launcher passes it as well as ``LOCAL_RANK``), set up
+    logging tagged with the rank; returns the rank (``"0"`` in a single process)."""
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    return rank

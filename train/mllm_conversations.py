@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from cloc_encoder.boxes import BoxError, validate_box
-from cloc_encoder.data.format import RecordError, RegionTextRecord, read_region_text
+from cloc_encoder.data.format import ReadReport, RecordError, RegionTextRecord, read_region_text
 from mllm.box_codec import BOX_PATTERN, DEFAULT_BOX_CODEC, get_box_codec
 from mllm.tokenization import IMAGE_TOKEN, REGION_TOKEN
 
@@ -217,15 +217,9 @@ def _check_roles(turns: list[tuple[str, str]], where: str) -> None:
 # ----- reading and writing -----------------------------------------------------------------------------------------
 
 
-@dataclass
-class ConversationReadReport:
-    """What :func:`read_conversations` skipped, with reasons."""
-
-    records: int = 0
-    skipped: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        return f"{self.records} conversations read, {len(self.skipped)} malformed skipped"
+def conversation_read_report() -> ReadReport:
+    """An empty :class:`~cloc_encoder.data.format.ReadReport` for :func:`read_conversations`."""
+    return ReadReport(noun="conversations")
 
 
 def _data_files(path: Path) -> list[Path]:
@@ -265,14 +259,14 @@ def read_conversations(
     *,
     image_folder: str | os.PathLike[str] | None = None,
     strict: bool = False,
-    report: ConversationReadReport | None = None,
+    report: ReadReport | None = None,
 ) -> list[ConversationRecord]:
     """Read a LLaVA-style JSON list, a JSONL file, or a folder of them (sorted by name).
 
     Relative image paths resolve against ``image_folder``, else the data file's folder. Malformed samples raise
     :class:`RecordError` when ``strict``, otherwise they are skipped and listed in ``report``.
     """
-    report = report if report is not None else ConversationReadReport()
+    report = report if report is not None else conversation_read_report()
     records = []
     for file in _data_files(Path(path)):
         root = Path(image_folder) if image_folder is not None else file.parent
@@ -510,9 +504,9 @@ __all__ = [
     "REFERRING_QUESTION",
     "ROLES",
     "TASKS",
-    "ConversationReadReport",
     "ConversationRecord",
     "ConversionReport",
+    "conversation_read_report",
     "conversations_from_record",
     "conversations_from_records",
     "main",

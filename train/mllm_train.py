@@ -12,7 +12,6 @@ projector (``pretrain_mm_projector=...``) and trains the LLM — fully, with LoR
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import functools
@@ -39,8 +38,8 @@ from train.cloc_build import lr_factor
 from train.cloc_config import ConfigError
 from train.cloc_data import EvalBatchSampler, ResumableBatchSampler
 from train.cloc_metrics import MetricsLogger
-from train.cloc_run import find_resume_dir
-from train.cloc_runtime import deepspeed_config, init_distributed
+from train.cloc_run import find_resume_dir, record_validation
+from train.cloc_runtime import deepspeed_config, init_distributed, launch_parser, prepare_launch
 from train.mllm_build import (
     MM_PROJECTOR_FILE,
     apply_lora,
@@ -55,7 +54,7 @@ from train.mllm_build import (
     upcast_trainable,
 )
 from train.mllm_config import MLLMTrainConfig, load_mllm_config
-from train.mllm_conversations import ConversationReadReport, read_conversations
+from train.mllm_conversations import conversation_read_report, read_conversations
 from train.mllm_data import (
     CollateConfig,
     ConversationDataset,
@@ -94,7 +93,7 @@ class MLLMTrainResult:
 
 
 def _load_records(config: MLLMTrainConfig, path: str, what: str) -> list:
-    report = ConversationReadReport()
+    report = conversation_read_report()
     records = read_conversations(path, image_folder=config.image_folder, report=report)
     if report.skipped:
         logger.warning("%s data %s: %s (first: %s)", what, path, report.summary(), report.skipped[0])
@@ -434,27 +433,18 @@ def _loop(
 
 
 def _validate(run: MLLMRun, state: MLLMTrainerState, val: ConversationDataset, collate: Callable) -> dict:
-    metrics = evaluate(run, val, collate)
-    if metrics:
-        record = {"step": state.step, "epoch": round(state.micro_batches / run.batches_per_epoch, 4), **metrics}
-        state.log_history.append(record)
-        run.metrics.log(record, prefix="val")
-        return record
-    return {}
+    return record_validation(run.metrics, state, run.batches_per_epoch, evaluate(run, val, collate))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m train.mllm_train", description="CLOC-LLaVA stage 1 / 2 training")
-    parser.add_argument("--config", type=Path, help="YAML config (train/configs/mllm_stage1.yaml, mllm_stage2.yaml)")
-    parser.add_argument("--resume", action="store_true", help="resume from output_dir's latest checkpoint")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides (dotted keys for mappings)")
+    parser = launch_parser(
+        "python -m train.mllm_train",
+        "CLOC-LLaVA stage 1 / 2 training",
+        "YAML config (train/configs/mllm_stage1.yaml, mllm_stage2.yaml)",
+    )
     args = parser.parse_args(argv)
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    rank = prepare_launch(args)
     try:
         config = load_mllm_config(args.config, args.overrides)
         if args.resume:

@@ -161,9 +161,11 @@ class ReadReport:
 
     records: int = 0
     skipped: list[str] = field(default_factory=list)
+    noun: str = "records"
+    """What a record is called in :meth:`summary` (e.g. ``"conversations"``)."""
 
     def summary(self) -> str:
-        return f"{self.records} records read, {len(self.skipped)} malformed skipped"
+        return f"{self.records} {self.noun} read, {len(self.skipped)} malformed skipped"
 
 
 def _jsonl_files(path: Path) -> list[Path]:
