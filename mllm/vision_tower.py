@@ -15,6 +15,7 @@ llava-hf checkpoint (``model.vision_tower.vision_model.*``) also keeps its names
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 from transformers import CLIPVisionModel, SiglipVisionModel
@@ -34,6 +35,11 @@ class CLOCVisionTower(CLOCPreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # A CLOC checkpoint's text tower, projections and box head are dropped silently (anchored: only top-level keys
+    # of a CLOC folder match, never keys of the MLLM that holds this tower).
+    _keys_to_ignore_on_load_unexpected = [rf"^{re.escape(prefix)}" for prefix in DROPPED_CLOC_PREFIXES] + [
+        rf"^{re.escape(key)}$" for key in DROPPED_CLOC_KEYS
+    ]
 
     def __init__(self, config: CLOCConfig) -> None:
         super().__init__(config)

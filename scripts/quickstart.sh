@@ -1,19 +1,68 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: set up, generate the synthetic world, pretrain a tiny CLOC encoder on it,
-# and print its held-out region metrics. Re-running continues from the last checkpoint.
-#   STEPS=800 (default) training steps at batch 64 (about 6-10 minutes on 2 CPU cores); STEPS=2000 for a better run.
+# The main job on the embedded default (no downloads beyond PyPI): set up, generate the synthetic world, pretrain a
+# tiny CLOC encoder on it, train a CLOC-LLaVA on that encoder in two stages, and print held-out grounding and
+# referring accuracy.
+#   bash scripts/quickstart.sh          # default run, about 12 minutes on 2 CPU cores
+#   bash scripts/quickstart.sh --long   # a longer, better run (about 45 minutes)
+# Step counts can be set one by one: CLOC_STEPS=... STAGE1_STEPS=... STAGE2_STEPS=... bash scripts/quickstart.sh
+# Re-running continues each stage from its last checkpoint; a stage whose input changed (a longer CLOC run, say)
+# starts over. The final model is runs/mllm_tiny_stage2, what `python -m eval regions` and the demo use by default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STEPS=${STEPS:-800}
-RUN=${RUN:-runs/cloc_tiny}
+
+LONG=0
+for arg in "$@"; do
+    case "$arg" in
+        --long) LONG=1 ;;
+        *) echo "usage: bash scripts/quickstart.sh [--long]" >&2; exit 2 ;;
+    esac
+done
+if [ "$LONG" = 1 ]; then
+    CLOC_STEPS=${CLOC_STEPS:-2000} STAGE1_STEPS=${STAGE1_STEPS:-200} STAGE2_STEPS=${STAGE2_STEPS:-1500}
+else
+    CLOC_STEPS=${CLOC_STEPS:-450} STAGE1_STEPS=${STAGE1_STEPS:-100} STAGE2_STEPS=${STAGE2_STEPS:-400}
+fi
 PY=.venv/bin/python
+WORLD=runs/world
+CLOC=runs/cloc_tiny
+STAGE1=runs/mllm_tiny_stage1
+STAGE2=runs/mllm_tiny_stage2
+
+# resume_flag DIR: "--resume" when DIR holds a checkpoint to continue from.
+resume_flag() { if [ -f "$1/latest" ]; then echo --resume; fi; }
+# start_stage DIR INPUTS: DIR starts over when what it was trained from (INPUTS) changed since its last run.
+start_stage() {
+    if [ -d "$1" ] && [ "$(cat "$1/inputs" 2>/dev/null)" != "$2" ]; then
+        echo "$1: its inputs changed ($2); training it again"
+        rm -rf "$1"
+    fi
+    mkdir -p "$1"
+    echo "$2" > "$1/inputs"
+}
+latest() { echo "$1/$(cat "$1/latest")"; }
 
 bash scripts/setup.sh
-$PY -m cloc_encoder.data.synthetic --out runs/world --train 2000 --val 200 --test 200
-RESUME=()
-if [ -f "$RUN/latest" ]; then RESUME=(--resume); fi
-$PY -m train.cloc_pretrain --config train/configs/cloc_tiny.yaml "${RESUME[@]}" \
-    output_dir="$RUN" max_steps="$STEPS" val_data=runs/world/val.jsonl
-CHECKPOINT="$RUN/$(cat "$RUN/latest")"
-$PY -m eval encoder --model "$CHECKPOINT" --data runs/world/test.jsonl --out "$RUN/eval_test"
-echo "model: $CHECKPOINT   metrics: $RUN/eval_test/metrics.json"
+$PY -m cloc_encoder.data.synthetic --out "$WORLD" --train 2000 --val 200 --test 200
+
+echo "== 1/4 CLOC pretraining ($CLOC_STEPS steps)"
+$PY -m train.cloc_pretrain --config train/configs/cloc_tiny.yaml $(resume_flag "$CLOC") \
+    output_dir="$CLOC" max_steps="$CLOC_STEPS" val_data="$WORLD/val.jsonl"
+$PY -m eval encoder --model "$CLOC" --data "$WORLD/test.jsonl" --out "$(latest "$CLOC")/eval_test" --no-progress
+
+echo "== 2/4 MLLM stage 1: projectors ($STAGE1_STEPS steps)"
+$PY -m train.mllm_conversations --data "$WORLD/train.jsonl" --out "$WORLD/train_conv.json" \
+    --tasks grounding,referring --max-turns 0
+start_stage "$STAGE1" "$(latest "$CLOC")"
+$PY -m train.mllm_train --config train/configs/mllm_tiny_stage1.yaml $(resume_flag "$STAGE1") \
+    vision_tower="$CLOC" output_dir="$STAGE1" max_steps="$STAGE1_STEPS"
+
+echo "== 3/4 MLLM stage 2: LLM + projectors ($STAGE2_STEPS steps)"
+start_stage "$STAGE2" "$(latest "$CLOC") $(latest "$STAGE1")"
+$PY -m train.mllm_train --config train/configs/mllm_tiny_stage2.yaml $(resume_flag "$STAGE2") \
+    vision_tower="$CLOC" pretrain_mm_projector="$STAGE1/mm_projector.safetensors" \
+    output_dir="$STAGE2" max_steps="$STAGE2_STEPS"
+
+echo "== 4/4 held-out grounding and referring"
+$PY -m eval regions --model "$STAGE2" --data "$WORLD/test.jsonl" --train-data "$WORLD/train.jsonl" \
+    --out "$(latest "$STAGE2")/eval_test" --batch-size 32
+echo "model: $(latest "$STAGE2")   metrics: $(latest "$STAGE2")/eval_test/metrics.json"

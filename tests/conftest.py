@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+
+from tests.tiny_training import PRETRAIN_STEPS, PretrainedCLOC
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
 
 CAPTIONS = [
     f"a {size} {colour} {shape} {relation}"
@@ -65,3 +70,28 @@ def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
     generate_world(SyntheticWorldConfig(image_size=32), out, {"train": 32, "val": 8})
     return out
+
+
+@pytest.fixture(scope="session")
+def pretrained_cloc(tmp_path_factory) -> PretrainedCLOC:
+    """CLOC pretraining with the shipped recipe (train/configs/cloc_tiny.yaml), shared by the learning tests."""
+    from cloc_encoder.data.synthetic import SyntheticWorldConfig, generate_world
+    from train.cloc_config import load_config
+    from train.cloc_pretrain import train_cloc
+
+    root = tmp_path_factory.mktemp("pretrained_cloc")
+    world = root / "world"
+    generate_world(SyntheticWorldConfig(), world, {"train": 2000, "test": 200})
+    config = load_config(
+        REPO / "train/configs/cloc_tiny.yaml",
+        [
+            f"train_data={world / 'train.jsonl'}",
+            "val_data=null",
+            f"output_dir={root / 'run'}",
+            f"max_steps={PRETRAIN_STEPS}",
+            f"save_every={PRETRAIN_STEPS}",
+            "progress_bar=false",
+            "tensorboard=false",
+        ],
+    ).validate()
+    return PretrainedCLOC(world, train_cloc(config))

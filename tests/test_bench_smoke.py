@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from bench.region_embed import format_table, main, random_boxes, run_benchmark
@@ -48,3 +50,14 @@ def test_train_step_bench_smoke():
 
     result = run(quick=True)
     assert result["ours_s"] > 0 and result["transformers_s"] > 0
+
+
+def test_mllm_cloc_vs_clip_bench_smoke(tmp_path, capsys):
+    """The CLOC-vs-CLIP MLLM bench runs end to end on a tiny budget and prints its table."""
+    from bench.mllm_cloc_vs_clip import main as mllm_bench
+
+    assert mllm_bench(["--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [row["tower"] for row in rows] == ["CLOC", "CLIP-only"]
+    assert all(0.0 <= row["grounding_acc@0.5"] <= 1.0 and row["referring_chance"] > 0 for row in rows)
+    assert "| vision tower | grounding Acc@0.5" in capsys.readouterr().out

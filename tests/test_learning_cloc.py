@@ -10,7 +10,6 @@ assertions leave wide headroom under those numbers.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,13 +17,9 @@ from transformers import AutoTokenizer
 
 from cloc_encoder import CLOCModel
 from cloc_encoder.data.format import read_region_text
-from cloc_encoder.data.synthetic import SyntheticWorldConfig, generate_world
 from eval.encoder_eval import evaluate_encoder
-from train.cloc_config import load_config
-from train.cloc_pretrain import train_cloc
+from tests.tiny_training import PRETRAIN_STEPS
 
-REPO = Path(__file__).resolve().parents[1]
-STEPS = 450
 CHANCE = 1 / 12
 
 
@@ -43,25 +38,11 @@ def _summary(metrics: dict) -> dict[str, float]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
-def test_tiny_cloc_learns_region_text_alignment(tmp_path):
-    world = tmp_path / "world"
-    generate_world(SyntheticWorldConfig(), world, {"train": 2000, "test": 200})
-    config = load_config(
-        REPO / "train/configs/cloc_tiny.yaml",
-        [
-            f"train_data={world / 'train.jsonl'}",
-            "val_data=null",
-            f"output_dir={tmp_path / 'run'}",
-            f"max_steps={STEPS}",
-            f"save_every={STEPS}",
-            "progress_bar=false",
-            "tensorboard=false",
-        ],
-    ).validate()
-    result = train_cloc(config)
-    assert result.step == STEPS
+def test_tiny_cloc_learns_region_text_alignment(pretrained_cloc):
+    result = pretrained_cloc.result
+    assert result.step == PRETRAIN_STEPS
 
-    test = read_region_text(world / "test.jsonl")
+    test = read_region_text(pretrained_cloc.world / "test.jsonl")
     tokenizer = AutoTokenizer.from_pretrained(result.checkpoint)
     trained = CLOCModel.from_pretrained(result.checkpoint)
     torch.manual_seed(0)
@@ -71,7 +52,7 @@ def test_tiny_cloc_learns_region_text_alignment(tmp_path):
     print(
         json.dumps(
             {
-                "steps": STEPS,
+                "steps": PRETRAIN_STEPS,
                 "minutes": round(result.elapsed_s / 60, 2),
                 "trained": after,
                 "untrained": before,

@@ -92,6 +92,24 @@ def test_config_yaml_and_overrides(tmp_path):
     assert shipped.train_data.endswith("train.jsonl")
 
 
+def test_config_base_is_loaded_first_and_mappings_merge(tmp_path):
+    (tmp_path / "base.yaml").write_text("lr: 1e-3\nbatch_size: 8\nmodel_overrides: {prompter_pool: all, a: 1}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "run.yaml").write_text("base: ../base.yaml\nlr: 2e-4\nmodel_overrides: {a: 2}\n")
+    config = load_config(tmp_path / "sub" / "run.yaml", ["batch_size=4"])
+    assert config.lr == 2e-4 and config.batch_size == 4
+    assert config.model_overrides == {"prompter_pool": "all", "a": 2}
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"orphan.yaml: config file .*missing.yaml not found"):
+        load_config(tmp_path / "orphan.yaml")
+    (tmp_path / "typo.yaml").write_text("base: base.yaml\nbatch_sise: 3\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: unknown config key 'batch_sise'"):
+        load_config(tmp_path / "typo.yaml")
+
+
 @pytest.mark.parametrize(
     ("yaml_text", "overrides", "message"),
     [

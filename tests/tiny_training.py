@@ -1,8 +1,11 @@
-"""Shared by the training tests: a 1-layer CLOC encoder on 32-px images, and a 2-process launcher."""
+"""Shared by the training tests: a 1-layer CLOC encoder on 32-px images, a 2-process launcher, and what the
+``pretrained_cloc`` fixture (conftest) returns."""
 
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from train.cloc_runtime import free_port
 
@@ -52,3 +55,15 @@ def run_two_ranks(command: list[str], timeout: float) -> list[str]:
     for rank, (process, output) in enumerate(zip(processes, outputs, strict=True)):
         assert process.returncode == 0, f"rank {rank} failed:\n{output[-4000:]}"
     return outputs
+
+
+@dataclass(frozen=True)
+class PretrainedCLOC:
+    """The synthetic world (64 px: 2000 train, 200 test images) and a tiny CLOC encoder trained on it."""
+
+    world: Path
+    result: Any  # train.cloc_pretrain.TrainResult
+
+
+PRETRAIN_STEPS = 450
+"""CLOC pretraining steps of :func:`pretrained_cloc` (batch 64; about 3 minutes here)."""

@@ -234,6 +234,16 @@ class CheckpointManager:
                     shutil.rmtree(folder, ignore_errors=True)
 
 
+def resolve_model_folder(path: str | os.PathLike[str]) -> Path:
+    """A model folder from ``path``: ``path`` itself when it holds a ``config.json``, else — a training run's
+    ``output_dir`` — its latest complete checkpoint; ``path`` unchanged when it is neither (loading then reports)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    latest = CheckpointManager(path).latest()
+    return latest if latest is not None else path
+
+
 __all__ = [
     "LATEST",
     "TRAINER_STATE",
@@ -243,6 +253,7 @@ __all__ = [
     "load_model_weights",
     "load_state",
     "read_json",
+    "resolve_model_folder",
     "restore_rng_state",
     "save_state",
     "step_dir_name",

@@ -247,10 +247,45 @@ def config_from_dict(values: Mapping[str, Any], where: str = "", config_class: t
     return config_class(**converted)
 
 
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _read_yaml(path: Path, fields: Mapping[str, Any], seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config's values, on top of its ``base`` (a YAML file relative to it) when it names one."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' loops back to itself ({' -> '.join(str(p) for p in (*seen, path))})")
+    if not path.is_file():
+        raise ConfigError(f"{seen[-1] if seen else path}: config file {path} not found")
+    loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    base = loaded.pop(BASE_KEY, None)
+    for key in loaded:
+        if key not in fields:
+            raise _unknown_key(str(key), fields, f"{path}: ")
+    if base is None:
+        return loaded
+    return _deep_merge(_read_yaml(path.parent / str(base), fields, (*seen, path)), loaded)
+
+
+BASE_KEY = "base"
+"""A YAML config may start from another: ``base: mllm_stage2.yaml`` (relative to it); its keys override the base's,
+mappings (``model_overrides``) merged key by key."""
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = (), config_class: type = CLOCTrainConfig
 ) -> Any:
-    """Read a YAML config (optional) and apply ``key=value`` overrides. Does not call ``validate``.
+    """Read a YAML config (optional; it may name a ``base`` config) and apply ``key=value`` overrides. Does not call
+    ``validate``.
 
     ``config_class`` is the flat dataclass to build (default :class:`CLOCTrainConfig`; the MLLM trainer passes
     :class:`train.mllm_config.MLLMTrainConfig`)."""
@@ -259,15 +294,17 @@ def load_config(
     where = ""
     if path is not None:
         where = f"{path}: "
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{where}expected a mapping of config keys at the top level")
-        for key in loaded:
-            if key not in fields:
-                raise _unknown_key(str(key), fields, where)
-        values = dict(loaded)
+        values = _read_yaml(Path(path), fields)
     values = apply_overrides(values, overrides, config_class)
     return config_from_dict(values, where, config_class)
 
 
-__all__ = ["CLOCTrainConfig", "ConfigError", "apply_overrides", "config_from_dict", "load_config", "parse_scalar"]
+__all__ = [
+    "BASE_KEY",
+    "CLOCTrainConfig",
+    "ConfigError",
+    "apply_overrides",
+    "config_from_dict",
+    "load_config",
+    "parse_scalar",
+]

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from train.checkpoint import resolve_model_folder
 from train.cloc_config import ConfigError, load_config
 
 STAGE_DEFAULT_LR = {1: 1e-3, 2: 2e-5}
@@ -138,7 +139,8 @@ class MLLMTrainConfig:
     """A DeepSpeed JSON config (``train/deepspeed/zero2.json``, ``zero3.json``, ``zero3_offload.json``)."""
 
     def validate(self) -> MLLMTrainConfig:
-        """Check values that types alone do not; returns ``self``."""
+        """Check values that types alone do not; returns ``self``. A training run's ``output_dir`` given as
+        ``model_path`` or ``vision_tower`` is replaced by its latest checkpoint folder (what the run then records)."""
         if self.stage not in (1, 2):
             raise ConfigError(f"config key 'stage' must be 1 or 2, got {self.stage}")
         if not self.train_data:
@@ -168,6 +170,9 @@ class MLLMTrainConfig:
                 raise ConfigError(f"config key 'bits' must be 4 or 8 (QLoRA), got {self.bits}")
             if not self.lora:
                 raise ConfigError("bits=4/8 quantises the frozen LLM for QLoRA: set lora=true as well")
+        for key in ("model_path", "vision_tower"):
+            if getattr(self, key):
+                setattr(self, key, str(resolve_model_folder(getattr(self, key))))
         return self
 
     def resolved_precision(self) -> str:
