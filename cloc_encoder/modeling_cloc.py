@@ -92,6 +92,24 @@ class CLOCOutput(ModelOutput):
     predicted_boxes: torch.Tensor | None = None
 
 
+def sincos_2d_position_table(grid_size: int, dim: int, cls_token: bool = False) -> torch.Tensor:
+    """MAE's fixed 2D sin-cos position table for a ``grid_size × grid_size`` patch grid: ``(grid², dim)`` in raster
+    order (a zero row first with ``cls_token``). The first half of the channels encodes the column, the second the
+    row, each as ``[sin(p·ω), cos(p·ω)]`` with ``ω_k = 10000^(-k / (dim/4))``; ``dim`` must be divisible by 4."""
+    if dim % 4:
+        raise ValueError(f"a 2D sin-cos position table needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    positions = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(positions, positions, indexing="ij")
+
+    def encode(values: torch.Tensor) -> torch.Tensor:
+        angles = values.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    table = torch.cat([encode(cols), encode(rows)], dim=1).float()
+    return torch.cat([torch.zeros(1, dim), table]) if cls_token else table
+
+
 class CLOCPreTrainedModel(PreTrainedModel):
     config_class = CLOCConfig
     config: CLOCConfig
@@ -118,6 +136,13 @@ class CLOCPreTrainedModel(PreTrainedModel):
         elif isinstance(module, RegionPrompter):
             init.normal_(module.corner_embeddings, mean=0.0, std=std)
         elif isinstance(module, CLOCModel):
+            if self.config.vision_position_init == "sincos2d":
+                embedding = module.vision_model.embeddings.position_embedding
+                patches = self.config.vision_config.image_size // self.config.vision_config.patch_size
+                table = sincos_2d_position_table(
+                    patches, embedding.embedding_dim, embedding.num_embeddings > patches**2
+                )
+                init.copy_(embedding.weight, table.to(embedding.weight.dtype))
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
             init.constant_(module.region_logit_scale, self._region_logit_scale_init())
             if module.logit_bias is not None:

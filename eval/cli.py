@@ -23,10 +23,11 @@ from transformers import AutoTokenizer
 from cloc_encoder import CLOCModel
 from cloc_encoder.data.format import ReadReport, read_region_text
 from eval.encoder_eval import DEFAULT_CLASS_PROMPT, evaluate_encoder, format_encoder_metrics
-from eval.mllm_generation import GenerationSettings, model_identity
-from eval.region_eval import REGION_TASKS, evaluate_regions, format_region_metrics
-from mllm import CLOCLlavaProcessor
-from mllm.loading import load_pretrained_model
+from eval.ferret_bench_eval import add_parser as add_ferret_bench_parser
+from eval.flickr30k_eval import add_parser as add_flickr30k_parser
+from eval.refcoco_cli import add_refcoco_parsers
+from eval.region_eval import add_parser as add_regions_parser
+from eval.zeroshot_cli import add_parser as add_zeroshot_parser
 from train.checkpoint import resolve_model_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,35 +63,15 @@ def _add_encoder_parser(subparsers: Any) -> None:
     parser.set_defaults(run=run_encoder)
 
 
-def _add_regions_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "regions",
-        help="CLOC-LLaVA: grounding (expression -> box) and referring (box -> name) on a region-text split",
-        description="Ask a CLOC-LLaVA model grounding and referring questions about a region-text split "
-        "(docs/evaluation.md). Predictions are appended to OUT/predictions_<task>.jsonl; a rerun resumes.",
-    )
-    parser.add_argument(
-        "--model", required=True, type=Path, help="CLOC-LLaVA folder, or a stage-2 run (its latest checkpoint)"
-    )
-    parser.add_argument("--data", required=True, type=Path, help="region-text JSONL file or folder of shards")
-    parser.add_argument("--out", required=True, type=Path, help="output folder (predictions, metrics.json/.md)")
-    parser.add_argument("--tasks", default=",".join(REGION_TASKS), help="comma-separated: grounding,referring")
-    parser.add_argument("--train-data", type=Path, help="training split: adds the constant-box grounding baselines")
-    parser.add_argument("--expressions", choices=("first", "all"), default="first", help="questions per region")
-    parser.add_argument("--batch-size", type=int, default=16, help="questions per generate call (default 16)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default 32)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N records")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(run=run_regions)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m eval", description="CLOC-MLLM evaluation harnesses.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_encoder_parser(subparsers)
-    _add_regions_parser(subparsers)
+    add_zeroshot_parser(subparsers)
+    add_regions_parser(subparsers)
+    add_flickr30k_parser(subparsers)
+    add_ferret_bench_parser(subparsers)
+    add_refcoco_parsers(subparsers)
     return parser
 
 
@@ -157,61 +138,6 @@ def run_encoder(args: argparse.Namespace) -> int:
     if metrics["num_images"] == 0:
         print("error: no image could be read; nothing was evaluated", file=sys.stderr)
         return 1
-    return 0
-
-
-def _read_records(path: Path, limit: int | None) -> list:
-    report = ReadReport()
-    records = read_region_text(path, report=report)
-    if report.skipped:
-        print(f"{path}: {report.summary()}; first: {report.skipped[0]}", file=sys.stderr)
-    return records if limit is None else records[:limit]
-
-
-def run_regions(args: argparse.Namespace) -> int:
-    """``python -m eval regions``: load the model and processor, answer and score, write the metrics."""
-    if args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
-        return _error("--batch-size, --max-new-tokens and --limit must be positive")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if not tasks or any(t not in REGION_TASKS for t in tasks):
-        return _error(f"--tasks {args.tasks!r}: choose from {','.join(REGION_TASKS)}")
-    args.model = resolve_model_folder(args.model)
-    if not args.model.is_dir():
-        return _error(f"--model {args.model}: not a folder")
-    try:
-        model = load_pretrained_model(args.model, dtype=DTYPES[args.dtype], local_files_only=True)
-        processor = CLOCLlavaProcessor.from_pretrained(args.model, local_files_only=True)
-    except (OSError, ValueError) as error:
-        return _error(f"could not load a CLOC-LLaVA model and processor from {args.model}: {error}")
-    try:
-        records = _read_records(args.data, args.limit)
-        train_records = _read_records(args.train_data, None) if args.train_data else None
-    except FileNotFoundError as error:
-        return _error(str(error))
-    if not records:
-        return _error(f"{args.data}: no region-text records to evaluate")
-    model.to(args.device or _default_device())
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    try:
-        metrics = evaluate_regions(
-            model,
-            processor,
-            records,
-            args.out,
-            tasks=tasks,
-            settings=settings,
-            train_records=train_records,
-            expressions=args.expressions,
-            progress=not args.no_progress,
-            identity={**model_identity(args.model), "data": str(args.data.resolve()), "limit": args.limit},
-        )
-    except ValueError as error:
-        return _error(str(error))
-    print(format_region_metrics(metrics))
-    print(f"wrote {args.out / 'metrics.json'}")
-    unreadable = sum(m["unreadable_images"] for m in metrics.values())
-    if unreadable:
-        print(f"warning: {unreadable} questions had unreadable images (counted as misses)", file=sys.stderr)
     return 0
 
 

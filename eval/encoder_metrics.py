@@ -67,7 +67,7 @@ def region_classification(
         raise ValueError(f"got {len(class_names)} class names for {classes.shape[0]} class embeddings")
     if regions.shape[0] == 0:
         return {"accuracy": 0.0, "mean_class_accuracy": 0.0, "num_regions": 0, "num_classes": 0, "per_class": {}}
-    correct = (regions @ classes.t()).argmax(dim=1) == targets
+    correct = _top_classes(regions, classes, 1)[:, 0] == targets
     per_class: dict[Any, dict[str, float | int]] = {}
     for index in targets.unique().tolist():
         members = targets == index
@@ -80,6 +80,48 @@ def region_classification(
         "num_classes": len(per_class),
         "per_class": per_class,
     }
+
+
+def _top_classes(queries: torch.Tensor, classes: torch.Tensor, k: int) -> torch.Tensor:
+    """``(N, k)`` indices of the ``k`` most similar classes per normalised query, best first, scored
+    ``QUERY_CHUNK`` queries at a time (memory ``QUERY_CHUNK × C``, e.g. LVIS: 1,203 classes, 240k regions).
+    ``k = 1`` is the arg-max (the first class wins a tie)."""
+    k = min(k, classes.shape[0])
+    top = []
+    for start in range(0, len(queries), QUERY_CHUNK):
+        scores = queries[start : start + QUERY_CHUNK] @ classes.t()
+        top.append(scores.argmax(dim=1, keepdim=True) if k == 1 else scores.topk(k, dim=1).indices)
+    return torch.cat(top) if top else torch.zeros(0, k, dtype=torch.long)
+
+
+def topk_accuracy(
+    query_embeds: ArrayLike, class_text_embeds: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 5)
+) -> dict[str, float | int]:
+    """Zero-shot classification accuracy at each ``k``: the share of queries whose label is among the ``k`` most
+    similar class texts (``k`` larger than the number of classes counts every query correct).
+
+    Args:
+        query_embeds: ``(N, D)`` image or region embeddings.
+        class_text_embeds: ``(C, D)``.
+        labels: ``(N,)`` class indices in ``[0, C)``.
+
+    Returns:
+        ``{"top<k>": ...}`` for each ``k`` and ``num_queries``.
+    """
+    queries = _normalised(query_embeds, "query_embeds")
+    classes = _normalised(class_text_embeds, "class_text_embeds")
+    targets = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels).long().cpu()
+    if targets.shape != (queries.shape[0],):
+        raise ValueError(f"labels must be ({queries.shape[0]},), got shape {tuple(targets.shape)}")
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be positive, got {list(ks)}")
+    top = _top_classes(queries, classes, max(ks))
+    hits = top == targets[:, None]
+    result: dict[str, float | int] = {
+        f"top{k}": hits[:, :k].any(dim=1).double().mean().item() if len(targets) else 0.0 for k in ks
+    }
+    result["num_queries"] = int(targets.numel())
+    return result
 
 
 def _positive_mask(positives: Positives, start: int, stop: int, gallery_size: int) -> torch.Tensor:
@@ -158,4 +200,4 @@ def box_grounding(pred_boxes: ArrayLike, gt_boxes: ArrayLike, threshold: float =
     }
 
 
-__all__ = ["box_grounding", "region_classification", "retrieval_recall"]
+__all__ = ["box_grounding", "region_classification", "retrieval_recall", "topk_accuracy"]

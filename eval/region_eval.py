@@ -1,4 +1,5 @@
-"""Evaluate a CLOC-LLaVA model on the grounding and referring questions of a region-text split.
+"""Evaluate a CLOC-LLaVA model on the grounding and referring questions of a region-text split
+(``python -m eval regions``).
 
 Writes, under ``out_dir``: ``predictions_<task>.jsonl`` (appended as produced; a rerun resumes), ``metrics.json``
 and ``metrics.md``. See :mod:`eval.region_tasks` for the questions and scores.
@@ -6,14 +7,23 @@ and ``metrics.md``. See :mod:`eval.region_tasks` for the questions and scores.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cloc_encoder.data.format import RegionTextRecord
-from eval.mllm_generation import GenerationSettings, PredictionStore, answer_questions, claim_output_folder
+from cloc_encoder.data.format import ReadReport, RegionTextRecord, read_region_text
+from eval.mllm_cli import SetupError, add_model_arguments, check_positive, load_model, report_error
+from eval.mllm_generation import (
+    GenerationSettings,
+    PredictionStore,
+    answer_questions,
+    claim_output_folder,
+    model_identity,
+)
 from eval.region_tasks import (
     constant_box_baselines,
     grounding_questions,
@@ -53,7 +63,7 @@ def evaluate_regions(
         out,
         {
             "model": identity or {"class": type(model).__name__},
-            "settings": dataclasses.asdict(settings),
+            "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "batch_size"},
             "expressions": expressions,
             "box_codec": processor.box_codec,
         },
@@ -98,4 +108,66 @@ def format_region_metrics(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["REGION_TASKS", "evaluate_regions", "format_region_metrics"]
+def add_parser(subparsers: Any) -> None:
+    """Register ``python -m eval regions``."""
+    parser = subparsers.add_parser(
+        "regions",
+        help="CLOC-LLaVA: grounding (expression -> box) and referring (box -> name) on a region-text split",
+        description="Ask a CLOC-LLaVA model grounding and referring questions about a region-text split "
+        "(docs/evaluation.md). Predictions are appended to OUT/predictions_<task>.jsonl; a rerun resumes.",
+    )
+    parser.add_argument("--data", required=True, type=Path, help="region-text JSONL file or folder of shards")
+    parser.add_argument("--tasks", default=",".join(REGION_TASKS), help="comma-separated: grounding,referring")
+    parser.add_argument("--train-data", type=Path, help="training split: adds the constant-box grounding baselines")
+    parser.add_argument("--expressions", choices=("first", "all"), default="first", help="questions per region")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N records")
+    add_model_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def _read_records(path: Path, limit: int | None) -> list[RegionTextRecord]:
+    report = ReadReport()
+    try:
+        records = read_region_text(path, report=report)
+    except FileNotFoundError as error:
+        raise SetupError(str(error)) from error
+    if report.skipped:
+        print(f"{path}: {report.summary()}; first: {report.skipped[0]}", file=sys.stderr)
+    return records if limit is None else records[:limit]
+
+
+def run(args: argparse.Namespace) -> int:
+    """``python -m eval regions``: load the model and processor, answer and score, write the metrics."""
+    try:
+        check_positive(args, "batch_size", "max_new_tokens", "limit")
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if not tasks or any(t not in REGION_TASKS for t in tasks):
+            raise SetupError(f"--tasks {args.tasks!r}: choose from {','.join(REGION_TASKS)}")
+        records = _read_records(args.data, args.limit)
+        train_records = _read_records(args.train_data, None) if args.train_data else None
+        if not records:
+            raise SetupError(f"{args.data}: no region-text records to evaluate")
+        model, processor = load_model(args)
+        metrics = evaluate_regions(
+            model,
+            processor,
+            records,
+            args.out,
+            tasks=tasks,
+            settings=GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
+            train_records=train_records,
+            expressions=args.expressions,
+            progress=not args.no_progress,
+            identity={**model_identity(args.model), "data": str(args.data.resolve()), "limit": args.limit},
+        )
+    except (SetupError, ValueError) as error:
+        return report_error(str(error))
+    print(format_region_metrics(metrics))
+    print(f"wrote {args.out / 'metrics.json'}")
+    unreadable = sum(m["unreadable_images"] for m in metrics.values())
+    if unreadable:
+        print(f"warning: {unreadable} questions had unreadable images (counted as misses)", file=sys.stderr)
+    return 0
+
+
+__all__ = ["REGION_TASKS", "add_parser", "evaluate_regions", "format_region_metrics", "run"]

@@ -2,6 +2,7 @@
 
     python -m cloc_encoder.data.convert coco --instances instances_train2017.json \\
         [--captions captions_train2017.json] --images-dir coco/train2017 --out data/coco_train.jsonl
+    python -m cloc_encoder.data.convert lvis --annotations lvis_v1_val.json --images-dir coco --out data/lvis_val.jsonl
     python -m cloc_encoder.data.convert vg --region-descriptions region_descriptions.json \\
         --image-data image_data.json --images-dir vg/images --out data/vg.jsonl
     python -m cloc_encoder.data.convert refcoco --root refer/data --dataset refcoco --split-by unc --split val \\
@@ -26,6 +27,7 @@ from cloc_encoder.data.converters import (
     PIXEL_TOLERANCE,
     ConversionError,
     convert_coco,
+    convert_lvis,
     convert_refcoco,
     convert_visual_genome,
     write_records,
@@ -59,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     coco.add_argument("--caption-index", type=int, default=0, help="which caption of each image (wraps around)")
     coco.add_argument("--per-caption", action="store_true", help="one record per caption instead of one per image")
     _add_common(coco)
+    lvis = sub.add_parser("lvis", help="LVIS lvis_v1_*.json (images under the COCO root: train2017/, val2017/)")
+    lvis.add_argument("--annotations", required=True, type=Path, help="lvis_v1_<split>.json")
+    lvis.add_argument("--keep-empty", action="store_true", help="keep images without any usable box")
+    _add_common(lvis)
     vg = sub.add_parser("vg", help="Visual Genome region_descriptions.json + image_data.json")
     vg.add_argument("--region-descriptions", required=True, type=Path, help="region_descriptions.json")
     vg.add_argument("--image-data", required=True, type=Path, help="image_data.json")
@@ -103,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
             one_record_per_caption=args.per_caption,
             **common,
         )
+    elif args.source == "lvis":
+        records, report = convert_lvis(args.annotations, keep_empty=args.keep_empty, **common)
     elif args.source == "vg":
         records, report = convert_visual_genome(
             args.region_descriptions,

@@ -3,10 +3,11 @@
 Each converter returns ``(records, report)``: :class:`~cloc_encoder.data.format.RegionTextRecord` objects whose boxes
 are ``xyxy`` normalised to ``[0, 1]`` by the original image size, and a :class:`ConversionReport` counting what was
 skipped and why. Write the records with :func:`write_records` (atomic, through ``write_region_text``). The command
-line is ``python -m cloc_encoder.data.convert {coco,vg,refcoco} ... --out FILE.jsonl`` (see ``docs/converters.md``).
+line is ``python -m cloc_encoder.data.convert {coco,lvis,vg,refcoco} ... --out FILE.jsonl``
+(see ``docs/converters.md``).
 """
 
-from cloc_encoder.data.converters.coco import convert_coco
+from cloc_encoder.data.converters.coco import convert_coco, convert_lvis
 from cloc_encoder.data.converters.common import (
     PIXEL_TOLERANCE,
     ConversionError,
@@ -27,6 +28,7 @@ __all__ = [
     "ImageLocator",
     "MissingInputError",
     "convert_coco",
+    "convert_lvis",
     "convert_refcoco",
     "convert_visual_genome",
     "pixel_xywh_to_normalized",

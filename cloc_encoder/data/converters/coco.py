@@ -9,6 +9,12 @@ with ``caption`` = ``category`` = the category name and ``attributes`` = ``{"ann
 caption is the ``caption_index``-th caption of the image (file order of ``captions_*.json``, wrapping around when
 an image has fewer), so different indices give different captions of the same image. With
 ``one_record_per_caption`` each caption gives its own record (``coco-<image_id>-c<k>``) sharing the regions.
+
+LVIS (``lvis_v1_<split>.json``) has the same schema except that images have no ``file_name`` (their path is read
+from ``coco_url`` as ``<split folder>/<file>``, e.g. ``val2017/000000397133.jpg``, so ``images_dir`` is the COCO root
+holding ``train2017/`` and ``val2017/``), category names are written with underscores (``aerosol_can``: turned
+into ``aerosol can``; parentheses such as ``bow (weapon)`` stay) and there are no crowd boxes. Its records are
+``lvis-<image_id>`` with ``source="lvis"``.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from cloc_encoder.data.converters.common import (
 from cloc_encoder.data.format import Region, RegionTextRecord
 
 INSTANCES_WHAT = "a COCO instances file (instances_<split>.json with 'images', 'annotations', 'categories')"
+LVIS_WHAT = "an LVIS file (lvis_v1_<split>.json with 'images' (with 'coco_url'), 'annotations', 'categories')"
 CAPTIONS_WHAT = "a COCO captions file (captions_<split>.json with 'annotations': [{'image_id', 'caption'}])"
 
 
@@ -50,6 +57,40 @@ def _load_captions(path: str | os.PathLike[str], report: ConversionReport) -> di
     return captions
 
 
+def category_names(data: Any, where: str) -> dict[int, str]:
+    """``{category id: name}`` of an instances file's ``categories``, in file order."""
+    check_type(data, dict, where)
+    categories: dict[int, str] = {}
+    for index, category in enumerate(require(data, "categories", list, where)):
+        cat_where = f"{where}: categories[{index}]"
+        categories[require(category, "id", int, cat_where)] = require(category, "name", str, cat_where)
+    return categories
+
+
+def lvis_category_name(name: str) -> str:
+    """An LVIS category name as text: underscores become spaces (``"aerosol_can"`` → ``"aerosol can"``)."""
+    return " ".join(name.replace("_", " ").split())
+
+
+def lvis_as_coco(data: Any, where: str) -> dict[str, Any]:
+    """A shallow copy of loaded LVIS annotations in the COCO schema: each image without ``file_name`` gets
+    ``<split folder>/<file>`` from its ``coco_url``; category names go through :func:`lvis_category_name`."""
+    check_type(data, dict, where)
+    images = []
+    for index, image in enumerate(require(data, "images", list, where)):
+        image_where = f"{where}: images[{index}]"
+        check_type(image, dict, image_where)
+        if "file_name" not in image:
+            parts = require(image, "coco_url", str, image_where).rstrip("/").split("/")
+            image = {**image, "file_name": "/".join(parts[-2:])}
+        images.append(image)
+    categories = []
+    for index, category in enumerate(require(data, "categories", list, where)):
+        name = require(category, "name", str, f"{where}: categories[{index}]")
+        categories.append({**category, "name": lvis_category_name(name)})
+    return {**data, "images": images, "categories": categories}
+
+
 def _regions_by_image(
     data: dict[str, Any],
     where: str,
@@ -59,10 +100,7 @@ def _regions_by_image(
     include_crowd: bool,
     tolerance: float,
 ) -> dict[int, list[Region]]:
-    categories: dict[int, str] = {}
-    for index, category in enumerate(require(data, "categories", list, where)):
-        cat_where = f"{where}: categories[{index}]"
-        categories[require(category, "id", int, cat_where)] = require(category, "name", str, cat_where)
+    categories = category_names(data, where)
     regions: dict[int, list[Region]] = defaultdict(list)
     for index, ann in enumerate(require(data, "annotations", list, where)):
         ann_where = f"{where}: annotations[{index}]"
@@ -113,11 +151,68 @@ def convert_coco(
     with no usable box. Raises :class:`MissingInputError` for missing files and :class:`ConversionError` (naming the
     file and key) for a wrong schema; bad boxes are skipped and counted in the report.
     """
+    return convert_coco_data(
+        load_json(instances_json, INSTANCES_WHAT),
+        where=str(instances_json),
+        captions_json=captions_json,
+        images_dir=images_dir,
+        relative_to=relative_to,
+        check_images=check_images,
+        include_crowd=include_crowd,
+        keep_empty=keep_empty,
+        caption_index=caption_index,
+        one_record_per_caption=one_record_per_caption,
+        tolerance=tolerance,
+        max_examples=max_examples,
+    )
+
+
+def convert_lvis(
+    lvis_json: str | os.PathLike[str],
+    *,
+    images_dir: str | os.PathLike[str] = "coco",
+    relative_to: str | os.PathLike[str] | None = None,
+    check_images: bool = False,
+    keep_empty: bool = False,
+    tolerance: float = PIXEL_TOLERANCE,
+    max_examples: int = 20,
+) -> tuple[list[RegionTextRecord], ConversionReport]:
+    """Convert LVIS annotations to records (see the module docstring); ``images_dir`` is the COCO root holding
+    ``train2017/`` and ``val2017/``. Same errors and report as :func:`convert_coco`."""
+    return convert_coco_data(
+        lvis_as_coco(load_json(lvis_json, LVIS_WHAT), str(lvis_json)),
+        where=str(lvis_json),
+        source="lvis",
+        images_dir=images_dir,
+        relative_to=relative_to,
+        check_images=check_images,
+        keep_empty=keep_empty,
+        tolerance=tolerance,
+        max_examples=max_examples,
+    )
+
+
+def convert_coco_data(
+    data: Any,
+    *,
+    where: str = "instances",
+    source: str = "coco",
+    captions_json: str | os.PathLike[str] | None = None,
+    images_dir: str | os.PathLike[str] = "images",
+    relative_to: str | os.PathLike[str] | None = None,
+    check_images: bool = False,
+    include_crowd: bool = False,
+    keep_empty: bool = False,
+    caption_index: int = 0,
+    one_record_per_caption: bool = False,
+    tolerance: float = PIXEL_TOLERANCE,
+    max_examples: int = 20,
+) -> tuple[list[RegionTextRecord], ConversionReport]:
+    """:func:`convert_coco` on already loaded instances ``data`` (``where`` names it in errors); records are
+    ``<source>-<image_id>`` with that ``source``."""
     if caption_index < 0:
         raise ValueError(f"caption_index must be >= 0, got {caption_index}")
-    report = ConversionReport(source="coco", max_examples=max_examples)
-    data = load_json(instances_json, INSTANCES_WHAT)
-    where = str(instances_json)
+    report = ConversionReport(source=source, max_examples=max_examples)
     check_type(data, dict, where)
     images = require(data, "images", list, where)
     require(data, "annotations", list, where)
@@ -153,7 +248,7 @@ def convert_coco(
         else:
             chosen = [(None, texts[caption_index % len(texts)] if texts else "")]
         for k, text in chosen:
-            record_id = f"coco-{image_id}" if k is None else f"coco-{image_id}-c{k}"
+            record_id = f"{source}-{image_id}" if k is None else f"{source}-{image_id}-c{k}"
             records.append(
                 RegionTextRecord(
                     id=record_id,
@@ -162,7 +257,7 @@ def convert_coco(
                     height=height,
                     caption=text,
                     regions=list(image_regions),
-                    source="coco",
+                    source=source,
                 )
             )
             report.records += 1
@@ -170,4 +265,4 @@ def convert_coco(
     return records, report
 
 
-__all__ = ["convert_coco"]
+__all__ = ["category_names", "convert_coco", "convert_coco_data", "convert_lvis", "lvis_as_coco", "lvis_category_name"]
