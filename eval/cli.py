@@ -25,6 +25,7 @@ from cloc_encoder.data.format import ReadReport, read_region_text
 from eval.encoder_eval import DEFAULT_CLASS_PROMPT, evaluate_encoder, format_encoder_metrics
 from eval.ferret_bench_eval import add_parser as add_ferret_bench_parser
 from eval.flickr30k_eval import add_parser as add_flickr30k_parser
+from eval.plot_predictions import add_parser as add_plot_parser
 from eval.refcoco_cli import add_refcoco_parsers
 from eval.region_eval import add_parser as add_regions_parser
 from eval.zeroshot_cli import add_parser as add_zeroshot_parser
@@ -65,6 +66,7 @@ def _add_encoder_parser(subparsers: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m eval", description="CLOC-MLLM evaluation harnesses.")
+    parser.set_defaults(launch=None)  # the CLOC-LLaVA commands' data-parallel launch (eval.mllm_cli.load_model)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_encoder_parser(subparsers)
     add_zeroshot_parser(subparsers)
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flickr30k_parser(subparsers)
     add_ferret_bench_parser(subparsers)
     add_refcoco_parsers(subparsers)
+    add_plot_parser(subparsers)
     return parser
 
 
@@ -142,9 +145,14 @@ def run_encoder(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` and run the chosen subcommand; returns the exit status."""
+    """Parse ``argv`` and run the chosen subcommand; returns the exit status. Under ``torchrun`` / ``accelerate
+    launch`` the CLOC-LLaVA commands run data-parallel (``docs/evaluation.md``, "Many GPUs")."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    finally:
+        if args.launch is not None:
+            args.launch.shutdown()
 
 
 if __name__ == "__main__":

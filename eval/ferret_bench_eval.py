@@ -95,10 +95,12 @@ def evaluate_ferret_bench(
     workers: int = 4,
     progress: bool = True,
     identity: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Answer (resuming from ``out_dir/predictions.jsonl``), judge (through ``judge``'s cache) and score every item;
     writes ``reviews.jsonl``, ``metrics.json`` and ``metrics.md`` and returns the metrics. ``identity`` (model and
-    data) is recorded in ``out_dir``; a rerun with another identity or settings raises ``ValueError``."""
+    data) is recorded in ``out_dir``; a rerun with another identity or settings raises ``ValueError``. In a
+    data-parallel run (:mod:`eval.distributed`) only rank 0 judges, once every answer is merged; the other ranks
+    return ``None``."""
     out = Path(out_dir)
     settings = settings or GenerationSettings(max_new_tokens=512, batch_size=8)
     claim_output_folder(
@@ -113,6 +115,8 @@ def evaluate_ferret_bench(
     questions = [ferret_question(item, images_dir, processor) for item in items]
     store = PredictionStore(out / "predictions.jsonl")
     predictions = answer_questions(model, processor, questions, store, settings, progress=progress)
+    if predictions is None:  # not rank 0 of a data-parallel run: rank 0 judges and scores
+        return None
     reviews = judge_answers(items, predictions, rules, judge, processor.codec, workers, progress)
     tasks = list(dict.fromkeys(item.task for item in items))
     pairs = {t: [tuple(r["scores"]) for r in reviews if r["task"] == t and r["status"] == "judged"] for t in tasks}
@@ -229,6 +233,8 @@ def run_ferret_bench(args: argparse.Namespace) -> int:
         return report_error(str(error))
     except JudgeError as error:
         return report_error(f"judge: {error} (rerun to resume: answers and accepted reviews are kept)")
+    if metrics is None:  # not rank 0 of a data-parallel run
+        return 0
     print(format_ferret_metrics(metrics))
     print(f"wrote {args.out / 'metrics.json'} ({judge.requests_made} judge requests)")
     failed = sum(metrics[t]["judge_failed"] + metrics[t]["unanswered"] for t in tasks)

@@ -198,7 +198,8 @@ def flickr_phrase_questions(
                 question_id = f"{image_id}-s{s}-p{p}"
                 expression = phrase_expression(phrase.text, phrase.first_word == 0)
                 question = GROUNDING_QUESTION.format(expression=expression)
-                result.questions.append(Question(question_id, images / f"{image_id}.jpg", question))
+                image = images / f"{image_id}.jpg"
+                result.questions.append(Question(question_id, image, question, target_box=merged_box(boxes)))
                 result.targets[question_id] = PhraseTarget(question_id, tuple(boxes), phrase.types)
     return result
 
@@ -215,7 +216,8 @@ def region_phrase_questions(records: Sequence[RegionTextRecord]) -> PhraseSet:
             for number, text in enumerate(texts):
                 question_id = f"{record.id}-g{index}-{number}"
                 question = GROUNDING_QUESTION.format(expression=with_article(text))
-                result.questions.append(Question(question_id, record.image_path, question))
+                box = tuple(float(v) for v in region.box)
+                result.questions.append(Question(question_id, record.image_path, question, target_box=box))  # type: ignore[arg-type]
                 types = (region.category,) if region.category else ()
                 result.targets[question_id] = PhraseTarget(question_id, (tuple(region.box),), types)  # type: ignore[arg-type]
     return result

@@ -44,10 +44,11 @@ def evaluate_phrase_grounding(
     protocol: str = "merged",
     progress: bool = True,
     identity: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Answer every phrase question (resuming from ``out_dir/predictions.jsonl``), score both protocols and write
     ``metrics.json`` / ``metrics.md``; ``recall@1`` is the chosen ``protocol``'s. ``identity`` (model and data) is
-    recorded in ``out_dir`` and a rerun with another identity or settings raises ``ValueError``."""
+    recorded in ``out_dir`` and a rerun with another identity or settings raises ``ValueError``. Returns ``None``
+    on the ranks other than 0 of a data-parallel run (:mod:`eval.distributed`)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r}; choose from {PROTOCOLS}")
     out = Path(out_dir)
@@ -63,6 +64,8 @@ def evaluate_phrase_grounding(
     )
     store = PredictionStore(out / "predictions.jsonl")
     predictions = answer_questions(model, processor, phrases.questions, store, settings, progress=progress)
+    if predictions is None:  # not rank 0 of a data-parallel run: rank 0 scores
+        return None
     scores = score_phrases(predictions, phrases.targets, processor.codec)
     metrics: dict[str, Any] = {
         "protocol": protocol,
@@ -155,6 +158,8 @@ def run_flickr30k(args: argparse.Namespace) -> int:
         )
     except (SetupError, FileNotFoundError, ValueError) as error:
         return report_error(str(error))
+    if metrics is None:  # not rank 0 of a data-parallel run
+        return 0
     print(format_flickr_metrics(metrics))
     print(f"wrote {args.out / 'metrics.json'}")
     if metrics["unreadable_images"] == len(phrases.questions):

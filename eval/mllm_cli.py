@@ -1,5 +1,6 @@
-"""Command-line pieces shared by the CLOC-LLaVA benchmark subcommands (``flickr30k``, ``ferret-bench``): the model
-and decoding arguments, and loading the model and processor with errors a user can act on."""
+"""Command-line pieces shared by the CLOC-LLaVA benchmark subcommands (``regions``, ``refcoco``, ``reg``,
+``flickr30k``, ``ferret-bench``): the model and decoding arguments, and loading the model and processor with errors
+a user can act on. Loading also joins a ``torchrun`` / ``accelerate launch`` run (:mod:`eval.distributed`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers.utils.logging import disable_progress_bar
 
+from eval.distributed import launch_context
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor
 from mllm.loading import load_pretrained_model
 from train.checkpoint import resolve_model_folder
@@ -32,7 +35,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int = 16, m
     parser.add_argument(
         "--max-new-tokens", type=int, default=max_new_tokens, help=f"answer length limit (default {max_new_tokens})"
     )
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--device", default=None, help="torch device (default: cuda if available, else cpu; launched: cuda:LOCAL_RANK)"
+    )
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="model dtype (default float32)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -46,7 +51,14 @@ def check_positive(args: argparse.Namespace, *names: str) -> None:
 
 def load_model(args: argparse.Namespace) -> tuple[CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor]:
     """The model and processor of ``args.model`` (resolved to a run's latest checkpoint; sets ``args.model``),
-    moved to ``args.device``."""
+    moved to ``args.device``. Under ``torchrun`` / ``accelerate launch`` this first starts the process group (kept in
+    ``args.launch``, closed by :func:`eval.cli.main`) and moves the model to this rank's device."""
+    try:
+        args.launch = launch_context(args.device)
+    except ValueError as error:
+        raise SetupError(str(error)) from error
+    if args.launch.rank != 0:
+        disable_progress_bar()  # transformers' loading bars: only rank 0 shows progress
     args.model = resolve_model_folder(args.model)
     if not args.model.is_dir():
         raise SetupError(f"--model {args.model}: not a folder")
@@ -55,7 +67,7 @@ def load_model(args: argparse.Namespace) -> tuple[CLOCLlavaForConditionalGenerat
         processor = CLOCLlavaProcessor.from_pretrained(args.model, local_files_only=True)
     except (OSError, ValueError) as error:
         raise SetupError(f"could not load a CLOC-LLaVA model and processor from {args.model}: {error}") from error
-    model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(args.launch.device)
     return model, processor
 
 

@@ -10,6 +10,10 @@ the user turn, then the generation prompt.
 Batches are left-padded; greedy outputs do not depend on the batch size (``tests/test_mllm_model.py`` checks
 batch-of-n against batch-of-one). An unreadable image gives a prediction with ``answer: null`` and an ``error``,
 counted, never a crash; resuming skips every id already in the file.
+
+Data-parallel (``torchrun``/``accelerate launch``, :mod:`eval.distributed`): each rank answers every
+``world_size``-th question still unanswered into its own shard file, then rank 0 merges the shards into the store
+(:mod:`eval.predictions`) and alone gets the predictions back to score; the other ranks get ``None``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from eval.distributed import barrier, data_parallel_rank
+from eval.predictions import PredictionStore, answered_ids, merge_shards, shard_path
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor
 
 IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
@@ -33,12 +39,14 @@ IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
 @dataclass(frozen=True)
 class Question:
     """One question about one image. ``boxes``: normalised original-frame ``xyxy`` per ``<region>`` (``None``: read
-    each from the box text before its ``<region>``)."""
+    each from the box text before its ``<region>``). ``target_box``: the box a grounding answer is scored against
+    (same frame), recorded with the prediction so it can be plotted without the dataset."""
 
     id: str
     image: Path
     text: str
     boxes: tuple[tuple[float, float, float, float], ...] | None = None
+    target_box: tuple[float, float, float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -50,74 +58,30 @@ class GenerationSettings:
     system_prompt: str | None = None
 
 
-class PredictionStore:
-    """An append-only JSONL file of predictions ``{"id", "answer", ...}``; the first line for an id wins.
-
-    A partly written last line (a killed process) is ignored on reading and overwritten by the next append.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.predictions: dict[str, dict[str, Any]] = {}
-        self._valid_bytes = 0
-        if self.path.exists():
-            self._load()
-
-    def _load(self) -> None:
-        offset = 0
-        for number, line in enumerate(self.path.read_bytes().splitlines(keepends=True), start=1):
-            if not line.endswith(b"\n"):
-                break  # an interrupted append
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{self.path}:{number}: not JSON ({error.msg}); fix or delete the line") from error
-            if not isinstance(item, dict) or "id" not in item:
-                raise ValueError(f"{self.path}:{number}: a prediction must be a JSON object with an 'id'")
-            offset += len(line)
-            self.predictions.setdefault(str(item["id"]), item)
-        self._valid_bytes = offset
-
-    def __contains__(self, question_id: str) -> bool:
-        return question_id in self.predictions
-
-    def __len__(self) -> int:
-        return len(self.predictions)
-
-    def append(self, items: Sequence[dict[str, Any]]) -> None:
-        """Append predictions and flush them to disk (``fsync``) before returning."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "r+b" if self.path.exists() else "wb") as handle:
-            handle.truncate(self._valid_bytes)
-            handle.seek(self._valid_bytes)
-            for item in items:
-                handle.write((json.dumps(item, ensure_ascii=False) + "\n").encode("utf-8"))
-                self.predictions.setdefault(str(item["id"]), item)
-            handle.flush()
-            os.fsync(handle.fileno())
-            self._valid_bytes = handle.tell()
-
-
 RUN_FILE = "eval_run.json"
 
 
 def claim_output_folder(out_dir: str | os.PathLike[str], identity: dict[str, Any]) -> None:
     """Record what produces the predictions in ``out_dir`` (model, data, decoding settings) in ``eval_run.json``;
     raise ``ValueError`` when the folder already holds predictions of a different run, so a resume never mixes
-    the answers of two models or two settings."""
+    the answers of two models or two settings. Data-parallel: rank 0 writes the record, then every rank compares
+    (all raise the same error, none waits forever)."""
     path = Path(out_dir) / RUN_FILE
     identity = json.loads(json.dumps(identity))  # plain JSON types, as read back
-    if path.exists():
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-        if recorded != identity:
-            changed = sorted(k for k in {*recorded, *identity} if recorded.get(k) != identity.get(k))
-            raise ValueError(
-                f"{out_dir} holds predictions of another run (differs in {', '.join(changed)}); "
-                "choose a new --out, or delete the folder to start over"
-            )
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
+    rank, _ = data_parallel_rank()
+    if rank == 0 and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
+    barrier()
+    if not path.exists():
+        raise ValueError(f"{path}: written by rank 0 but not seen by rank {rank}; --out must be on a shared filesystem")
+    recorded = json.loads(path.read_text(encoding="utf-8"))
+    if recorded != identity:
+        changed = sorted(k for k in {*recorded, *identity} if recorded.get(k) != identity.get(k))
+        raise ValueError(
+            f"{out_dir} holds predictions of another run (differs in {', '.join(changed)}); "
+            "choose a new --out, or delete the folder to start over"
+        )
 
 
 def model_identity(folder: str | os.PathLike[str]) -> dict[str, Any]:
@@ -138,6 +102,17 @@ def prompt_text(processor: CLOCLlavaProcessor, question: str, system_prompt: str
         messages.append({"role": "system", "content": system_prompt})
     messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def prediction_record(question: Question, answer: str | None) -> dict[str, Any]:
+    """The stored prediction of ``question``: ``id``, ``answer``, ``question``, ``image`` and, for grounding,
+    ``target_box`` (normalised original-frame ``xyxy``). Files written before ``image``/``target_box`` existed
+    still read and score (only ``id`` and ``answer`` are needed)."""
+    record: dict[str, Any] = {"id": question.id, "answer": answer, "question": question.text}
+    record["image"] = str(question.image)
+    if question.target_box is not None:
+        record["target_box"] = [float(v) for v in question.target_box]
+    return record
 
 
 def _open_image(path: Path) -> Image.Image:
@@ -172,27 +147,15 @@ def _answer_batch(
     return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def answer_questions(
+def _generate(
     model: CLOCLlavaForConditionalGeneration,
     processor: CLOCLlavaProcessor,
-    questions: Sequence[Question],
+    todo: Sequence[Question],
     store: PredictionStore,
-    settings: GenerationSettings | None = None,
-    progress: bool = True,
-) -> dict[str, dict[str, Any]]:
-    """Generate an answer for every question not yet in ``store`` and append it there; returns every prediction of
-    ``questions`` (``{"id", "answer", "question"}``; ``answer`` is ``None`` with an ``error`` for unreadable
-    images). Questions keep their given order; ids must be unique."""
-    settings = settings or GenerationSettings()
-    if settings.batch_size < 1 or settings.max_new_tokens < 1:
-        raise ValueError("batch_size and max_new_tokens must be positive")
-    ids = [q.id for q in questions]
-    if len(set(ids)) != len(ids):
-        duplicate = next(i for i in ids if ids.count(i) > 1)
-        raise ValueError(f"question ids must be unique; {duplicate!r} appears more than once")
-    todo = [q for q in questions if q.id not in store]
-    model.eval()
-    bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc="generate", disable=not progress)
+    settings: GenerationSettings,
+    bar: tqdm,
+) -> None:
+    """Answer ``todo`` in batches, appending each batch's predictions to ``store``."""
     for start in range(0, len(todo), settings.batch_size):
         batch = todo[start : start + settings.batch_size]
         results: list[dict[str, Any]] = []
@@ -202,16 +165,56 @@ def answer_questions(
                 images.append(_open_image(question.image))
                 readable.append(question)
             except IMAGE_ERRORS as error:
-                error_text = f"{question.image}: {error}"
-                results.append({"id": question.id, "answer": None, "question": question.text, "error": error_text})
+                results.append({**prediction_record(question, None), "error": f"{question.image}: {error}"})
         if readable:
             answers = _answer_batch(model, processor, readable, images, settings)
-            results.extend(
-                {"id": q.id, "answer": a, "question": q.text} for q, a in zip(readable, answers, strict=True)
-            )
+            results.extend(prediction_record(q, a) for q, a in zip(readable, answers, strict=True))
         store.append(results)
         bar.update(len(batch))
     bar.close()
+
+
+def answer_questions(
+    model: CLOCLlavaForConditionalGeneration,
+    processor: CLOCLlavaProcessor,
+    questions: Sequence[Question],
+    store: PredictionStore,
+    settings: GenerationSettings | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]] | None:
+    """Generate an answer for every question not yet in ``store`` and append it there; returns every prediction of
+    ``questions`` (:func:`prediction_record`; ``answer`` is ``None`` with an ``error`` for unreadable
+    images). Questions keep their given order; ids must be unique.
+
+    In a data-parallel run every rank calls this with the same questions: rank ``r`` of ``w`` answers
+    ``todo[r::w]`` (``todo``: the questions in neither ``store`` nor a shard beside it) into its shard; after a
+    barrier rank 0 merges the shards into ``store`` and returns the predictions, the other ranks return ``None``.
+    Answers left in shards by an interrupted run of any world size, or by one process, are reused."""
+    settings = settings or GenerationSettings()
+    if settings.batch_size < 1 or settings.max_new_tokens < 1:
+        raise ValueError("batch_size and max_new_tokens must be positive")
+    ids = [q.id for q in questions]
+    if len(set(ids)) != len(ids):
+        duplicate = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"question ids must be unique; {duplicate!r} appears more than once")
+    model.eval()
+    rank, world_size = data_parallel_rank()
+    if world_size == 1:
+        merge_shards(store, ids)  # answers of an interrupted data-parallel run
+        todo = [q for q in questions if q.id not in store]
+        bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc="generate", disable=not progress)
+        _generate(model, processor, todo, store, settings, bar)
+        return {q.id: store.predictions[q.id] for q in questions}
+    answered = answered_ids(store)
+    mine = [q for q in questions if q.id not in answered][rank::world_size]
+    shard = PredictionStore(shard_path(store.path, rank, world_size))
+    barrier()  # every rank has read the files before any rank appends to its shard
+    bar = tqdm(total=len(mine), desc=f"generate (rank 0 of {world_size})", disable=rank != 0 or not progress)
+    _generate(model, processor, mine, shard, settings, bar)
+    barrier()  # every shard is complete
+    if rank != 0:
+        return None
+    merge_shards(store, ids)
     return {q.id: store.predictions[q.id] for q in questions}
 
 
@@ -223,5 +226,6 @@ __all__ = [
     "answer_questions",
     "claim_output_folder",
     "model_identity",
+    "prediction_record",
     "prompt_text",
 ]

@@ -150,6 +150,8 @@ def run_rec(args: argparse.Namespace) -> int:
         )
     except (SetupError, ValueError) as error:
         return report_error(str(error))
+    if metrics is None:  # not rank 0 of a data-parallel run
+        return 0
     return _finish(args, metrics, format_rec_metrics(metrics), metrics["rec"])
 
 
@@ -180,6 +182,8 @@ def run_reg(args: argparse.Namespace) -> int:
         )
     except (SetupError, ValueError) as error:
         return report_error(str(error))
+    if metrics is None:  # not rank 0 of a data-parallel run
+        return 0
     return _finish(args, metrics, format_reg_metrics(metrics), metrics["reg"])
 
 

@@ -62,7 +62,8 @@ def rec_questions(
         chosen = sample.expressions[:1] if expressions == "first" else sample.expressions
         for index, expression in enumerate(chosen):
             question_id = f"{sample.id}-{index}"
-            questions.append(Question(question_id, sample.image, rec_question_text(prompt, expression)))
+            text = rec_question_text(prompt, expression)
+            questions.append(Question(question_id, sample.image, text, target_box=sample.box))
             targets[question_id] = GroundingTarget(question_id, sample.box)
     return questions, targets
 
@@ -115,9 +116,10 @@ def evaluate_rec(
     identity: dict[str, Any] | None = None,
     info: dict[str, Any] | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Ask and score the REC questions of ``samples``; writes ``predictions_rec.jsonl``, ``metrics.json`` and
-    ``metrics.md`` under ``out_dir`` and returns the metrics. ``identity`` (e.g. ``{"model":``
+    ``metrics.md`` under ``out_dir`` and returns the metrics (``None`` on the ranks other than 0 of a data-parallel
+    run, :mod:`eval.distributed`). ``identity`` (e.g. ``{"model":``
     :func:`~eval.mllm_generation.model_identity` ``, "data": ...}``) is recorded with the prompt and decoding settings
     so a rerun with another model, data or settings is refused; ``info`` (dataset, split, ...) is copied into the
     metrics."""
@@ -128,6 +130,8 @@ def evaluate_rec(
     questions, targets = rec_questions(samples, prompt, expressions)
     store = PredictionStore(out / "predictions_rec.jsonl")
     predictions = answer_questions(model, processor, questions, store, settings, progress=progress)
+    if predictions is None:  # not rank 0 of a data-parallel run: rank 0 scores
+        return None
     metrics: dict[str, Any] = {"task": "rec", **(info or {}), "prompt": prompt, "expressions": expressions}
     metrics["samples"] = len(samples)
     metrics["rec"] = score_grounding(predictions, targets, processor.codec)
@@ -149,9 +153,10 @@ def evaluate_reg(
     identity: dict[str, Any] | None = None,
     info: dict[str, Any] | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Ask and score the REG questions of ``samples``; writes ``predictions_reg.jsonl``, ``metrics.json`` and
-    ``metrics.md``. ``tokenizer``/``meteor``: see :func:`eval.caption_metrics.caption_metrics`."""
+    ``metrics.md`` (returns ``None`` on the ranks other than 0 of a data-parallel run). ``tokenizer``/``meteor``:
+    see :func:`eval.caption_metrics.caption_metrics`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = settings or GenerationSettings(max_new_tokens=48)
@@ -159,6 +164,8 @@ def evaluate_reg(
     questions, references = reg_questions(samples, processor, prompt)
     store = PredictionStore(out / "predictions_reg.jsonl")
     predictions = answer_questions(model, processor, questions, store, settings, progress=progress)
+    if predictions is None:
+        return None
     answers = {i: p.get("answer") for i, p in predictions.items()}
     metrics: dict[str, Any] = {"task": "reg", **(info or {}), "prompt": prompt, "samples": len(samples)}
     metrics["reg"] = caption_metrics(answers, references, tokenizer=tokenizer, meteor=meteor)

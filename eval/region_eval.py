@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cloc_encoder.data.format import ReadReport, RegionTextRecord, read_region_text
+from eval.distributed import is_main_process
 from eval.mllm_cli import SetupError, add_model_arguments, check_positive, load_model, report_error
 from eval.mllm_generation import (
     GenerationSettings,
@@ -47,9 +48,10 @@ def evaluate_regions(
     expressions: str = "first",
     progress: bool = True,
     identity: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Answer and score the questions of ``tasks`` on ``records``; ``train_records`` (optional) adds the constant-box
-    grounding baselines. Returns (and writes) the metrics.
+    grounding baselines. Returns (and writes) the metrics; ``None`` on the ranks other than 0 of a data-parallel run
+    (:mod:`eval.distributed`), which only answer their share.
 
     ``identity`` (e.g. :func:`~eval.mllm_generation.model_identity` of the model folder) is recorded with the
     settings in ``out_dir``; a rerun with a different model or settings raises instead of resuming."""
@@ -77,6 +79,8 @@ def evaluate_regions(
             questions, targets = referring_questions(records, codec)
         store = PredictionStore(out / f"predictions_{task}.jsonl")
         predictions = answer_questions(model, processor, questions, store, settings, progress=progress)
+        if predictions is None:  # not rank 0 of a data-parallel run: rank 0 scores
+            continue
         if task == "grounding":
             metrics[task] = score_grounding(predictions, targets, codec)
             if train_records:
@@ -84,6 +88,8 @@ def evaluate_regions(
         else:
             metrics[task] = score_referring(predictions, targets)
         metrics[task]["unreadable_images"] = sum(1 for p in predictions.values() if p.get("error"))
+    if not is_main_process():
+        return None
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     (out / "metrics.md").write_text(format_region_metrics(metrics) + "\n", encoding="utf-8")
     return metrics
@@ -162,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except (SetupError, ValueError) as error:
         return report_error(str(error))
+    if metrics is None:  # not rank 0 of a data-parallel run
+        return 0
     print(format_region_metrics(metrics))
     print(f"wrote {args.out / 'metrics.json'}")
     unreadable = sum(m["unreadable_images"] for m in metrics.values())

@@ -58,8 +58,9 @@ def grounding_questions(
             for number, text in enumerate(texts[:1] if expressions == "first" else texts):
                 question_id = f"{record.id}-g{index}-{number}"
                 question = GROUNDING_QUESTION.format(expression=with_article(text))
-                questions.append(Question(question_id, record.image_path, question))
-                targets[question_id] = GroundingTarget(question_id, tuple(region.box))
+                box = tuple(float(v) for v in region.box)
+                questions.append(Question(question_id, record.image_path, question, target_box=box))  # type: ignore[arg-type]
+                targets[question_id] = GroundingTarget(question_id, box)  # type: ignore[arg-type]
     return questions, targets
 
 

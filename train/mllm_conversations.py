@@ -385,7 +385,8 @@ def conversations_from_record(
     Args:
         tasks: any of ``grounding``, ``referring``, ``caption``; one task per conversation.
         codec: box codec name; must equal the model's ``config.box_codec``.
-        max_turns: question/answer pairs per conversation (regions in record order); 0 = all in one.
+        max_turns: question/answer pairs per conversation; 0 = all in one. With one pair per conversation they
+            follow the record's region order, with more the turns are shuffled (seeded by ``seed`` and the record).
         expression: grounding text per region: ``"random"`` (one, drawn from ``(seed, record id)``), ``"first"``,
             or ``"all"`` (one turn each).
         image: the image path to write (default: the record's ``image`` as it is).
@@ -401,6 +402,11 @@ def conversations_from_record(
     samples = []
     for task in tasks:
         turns = _turns_for(record, task, codec, expression, seed, report)
+        if max_turns != 1 and len(turns) > 1:
+            # Several turns per conversation: ask in a seeded random order, so that a turn's position (the first
+            # question is the one evaluation asks) says nothing about which region it is about.
+            order = _rng(seed, record.id, f"{task}-order").permutation(len(turns))
+            turns = [turns[i] for i in order]
         size = max_turns or max(len(turns), 1)
         for number, start in enumerate(range(0, len(turns), size)):
             chunk = turns[start : start + size]
