@@ -4,7 +4,8 @@
 # referring accuracy.
 #   bash scripts/quickstart.sh          # default run, about 12 minutes on 2 CPU cores
 #   bash scripts/quickstart.sh --long   # a longer, better run (about 45 minutes)
-# Step counts can be set one by one: CLOC_STEPS=... STAGE1_STEPS=... STAGE2_STEPS=... bash scripts/quickstart.sh
+# Step counts can be set one by one: CLOC_STEPS=... STAGE1_STEPS=... STAGE2_STEPS=... bash scripts/quickstart.sh;
+# RUNS=DIR puts the world and the runs under DIR instead of runs/.
 # Re-running continues each stage from its last checkpoint; a stage whose input changed (a longer CLOC run, say)
 # starts over. The final model is runs/mllm_tiny_stage2, what `python -m eval regions` and the demo use by default.
 set -euo pipefail
@@ -23,10 +24,11 @@ else
     CLOC_STEPS=${CLOC_STEPS:-450} STAGE1_STEPS=${STAGE1_STEPS:-100} STAGE2_STEPS=${STAGE2_STEPS:-400}
 fi
 PY=.venv/bin/python
-WORLD=runs/world
-CLOC=runs/cloc_tiny
-STAGE1=runs/mllm_tiny_stage1
-STAGE2=runs/mllm_tiny_stage2
+RUNS=${RUNS:-runs}
+WORLD=$RUNS/world
+CLOC=$RUNS/cloc_tiny
+STAGE1=$RUNS/mllm_tiny_stage1
+STAGE2=$RUNS/mllm_tiny_stage2
 
 # resume_flag DIR: "--resume" when DIR holds a checkpoint to continue from.
 resume_flag() { if [ -f "$1/latest" ]; then echo --resume; fi; }
@@ -54,12 +56,12 @@ $PY -m train.mllm_conversations --data "$WORLD/train.jsonl" --out "$WORLD/train_
     --tasks grounding,referring --max-turns 0
 start_stage "$STAGE1" "$(latest "$CLOC")"
 $PY -m train.mllm_train --config train/configs/mllm_tiny_stage1.yaml $(resume_flag "$STAGE1") \
-    vision_tower="$CLOC" output_dir="$STAGE1" max_steps="$STAGE1_STEPS"
+    train_data="$WORLD/train_conv.json" vision_tower="$CLOC" output_dir="$STAGE1" max_steps="$STAGE1_STEPS"
 
 echo "== 3/4 MLLM stage 2: LLM + projectors ($STAGE2_STEPS steps)"
 start_stage "$STAGE2" "$(latest "$CLOC") $(latest "$STAGE1")"
 $PY -m train.mllm_train --config train/configs/mllm_tiny_stage2.yaml $(resume_flag "$STAGE2") \
-    vision_tower="$CLOC" pretrain_mm_projector="$STAGE1/mm_projector.safetensors" \
+    train_data="$WORLD/train_conv.json" vision_tower="$CLOC" pretrain_mm_projector="$STAGE1/mm_projector.safetensors" \
     output_dir="$STAGE2" max_steps="$STAGE2_STEPS"
 
 echo "== 4/4 held-out grounding and referring"
