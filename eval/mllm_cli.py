@@ -13,6 +13,7 @@ from transformers.utils.logging import disable_progress_bar
 
 from eval.distributed import launch_context
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor
+from mllm.defaults import DEFAULT_CHECKPOINT
 from mllm.loading import load_pretrained_model
 from train.checkpoint import resolve_model_folder
 
@@ -26,7 +27,11 @@ class SetupError(ValueError):
 def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int = 16, max_new_tokens: int = 32) -> None:
     """``--model``, ``--out``, decoding and device flags."""
     parser.add_argument(
-        "--model", required=True, type=Path, help="CLOC-LLaVA folder, or a stage-2 run (its latest checkpoint)"
+        "--model",
+        type=Path,
+        default=Path(DEFAULT_CHECKPOINT),
+        help=f"CLOC-LLaVA folder, or a stage-2 run (its latest checkpoint); default {DEFAULT_CHECKPOINT}, the "
+        "quickstart's model",
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder (predictions, metrics.json/.md)")
     parser.add_argument(
