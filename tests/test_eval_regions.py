@@ -199,3 +199,20 @@ def test_a_rerun_with_another_model_or_settings_is_refused(model_and_processor, 
     model.save_pretrained(tmp_path / "model")  # retrained in place: new weights file
     assert eval_main([*args, "--max-new-tokens", "4"]) == 2
     assert "differs in model" in capsys.readouterr().err
+
+
+def test_row_wise_iou_equals_torchvision_box_iou():
+    """Grounding scores use a row-wise IoU (torchvision's ``box_iou`` is all-pairs, N×N memory); the two agree,
+    degenerate boxes included."""
+    from torchvision.ops import box_iou
+
+    from cloc_encoder.boxes import box_iou_pairwise
+
+    generator = torch.Generator().manual_seed(0)
+    corners = torch.rand(200, 2, 2, generator=generator, dtype=torch.float64)
+    boxes = torch.cat([corners.min(dim=1).values, corners.max(dim=1).values], dim=1)
+    others = boxes.roll(1, dims=0)
+    others[:10] = boxes[:10]  # identical pairs: IoU 1
+    others[10:20, 2:] = others[10:20, :2]  # zero-area boxes: IoU 0
+    expected = box_iou(boxes, others).diagonal().nan_to_num(0.0)
+    assert torch.allclose(box_iou_pairwise(boxes, others), expected, atol=1e-12)
