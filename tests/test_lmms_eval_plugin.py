@@ -64,6 +64,17 @@ SCRIPT = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _restore_pil_truncated_images_flag():
+    """lmms-eval's task module sets PIL's process-wide ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` when imported; put
+    it back after this module so later tests still see truncated images as errors (docs/evaluation.md)."""
+    from PIL import ImageFile
+
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    yield
+    ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
 @pytest.fixture(scope="module")
 def rec_task(tmp_path_factory) -> Path:
     """RefCOCO-schema parquet + the task YAML; returns the include path."""
