@@ -128,14 +128,21 @@ def _finish(args: argparse.Namespace, metrics: dict[str, Any], table: str, score
     return 0
 
 
+def _setup(args: argparse.Namespace) -> tuple:
+    """What REC and REG both start from: checked flags, the split's samples, the model and processor, the run's
+    identity and description, the decoding settings."""
+    check_positive(args, "batch_size", "max_new_tokens", "limit")
+    samples, used, report = _read(args)
+    model, processor = load_model(args)
+    identity, info = _run_description(args, used, report)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    return samples, model, processor, identity, info, settings
+
+
 def run_rec(args: argparse.Namespace) -> int:
     """``python -m eval refcoco``: read the split, load the model, answer and score, write the metrics."""
     try:
-        check_positive(args, "batch_size", "max_new_tokens", "limit")
-        samples, used, report = _read(args)
-        model, processor = load_model(args)
-        identity, info = _run_description(args, used, report)
-        settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        samples, model, processor, identity, info, settings = _setup(args)
         metrics = evaluate_rec(
             model,
             processor,
@@ -162,11 +169,7 @@ def run_reg(args: argparse.Namespace) -> int:
     except RuntimeError as error:  # --tokenizer ptb without Java
         return report_error(str(error))
     try:
-        check_positive(args, "batch_size", "max_new_tokens", "limit")
-        samples, used, report = _read(args)
-        model, processor = load_model(args)
-        identity, info = _run_description(args, used, report)
-        settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        samples, model, processor, identity, info, settings = _setup(args)
         metrics = evaluate_reg(
             model,
             processor,
