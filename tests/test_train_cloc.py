@@ -5,7 +5,9 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -351,3 +353,25 @@ def test_max_minutes_stops_with_a_checkpoint(world, tmp_path):
     assert result.stop_reason == "max_minutes" and result.step == 1
     assert result.checkpoint == tmp_path / "timed" / "step-000001" and result.metrics["step"] == 1
     assert result.metrics["lr"] == pytest.approx(config.lr * lr_factor(2, 1000, 0.0)(0))
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(world, tmp_path):
+    """A scheduler's preemption (SIGTERM) ends the run cleanly at the current step; --resume then finishes it with
+    the same weights as a run that was never interrupted."""
+    straight = train_cloc(tiny_config(world, tmp_path / "straight", tensorboard=False))
+
+    def terminate_at_step_2(state):
+        if state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    stopped = train_cloc(tiny_config(world, tmp_path / "run", tensorboard=False), step_callback=terminate_at_step_2)
+    assert signal.getsignal(signal.SIGTERM) == previous  # the loop's handler is removed again
+    assert stopped.stop_reason == "SIGTERM" and stopped.step == 2
+    assert stopped.checkpoint == tmp_path / "run" / "step-000002"  # not a save_every step: written for the signal
+    assert (tmp_path / "run" / "latest").read_text().strip() == "step-000002"
+    resumed = train_cloc(tiny_config(world, tmp_path / "run", tensorboard=False, resume=True))
+    assert resumed.step == 6 and resumed.stop_reason == "max_steps"
+    final_a = load_file(str(straight.checkpoint / "model.safetensors"))
+    final_b = load_file(str(resumed.checkpoint / "model.safetensors"))
+    assert all(torch.allclose(final_a[k], final_b[k], atol=1e-6) for k in final_a)

@@ -8,38 +8,32 @@ under ``torchrun`` (DDP) or the ``deepspeed`` launcher (``deepspeed=train/deepsp
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import os
-import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from cloc_encoder.data.format import ReadReport, read_region_text
 from cloc_encoder.image_processing import CLOCImageProcessor
-from train.checkpoint import CheckpointManager, read_json
+from train.checkpoint import read_json
 from train.cloc_build import build_model, build_optimizer, build_scheduler, build_tokenizer, text_length
 from train.cloc_config import CLOCTrainConfig, ConfigError, load_config
-from train.cloc_data import CLOCBatch, EvalBatchSampler, RegionTextDataset, ResumableBatchSampler, collate_cloc
-from train.cloc_metrics import MetricsLogger
-from train.cloc_run import Run, TrainerState, find_resume_dir, load_checkpoint, record_validation, save_checkpoint
+from train.cloc_data import CLOCBatch, RegionTextDataset, ResumableBatchSampler, collate_cloc
+from train.cloc_run import CLOCRun, load_checkpoint, save_checkpoint
 from train.cloc_runtime import (
     deepspeed_config,
-    init_distributed,
     launch_parser,
     prepare_launch,
     promote_scalar_parameters,
 )
+from train.loop import LoopHooks, distributed_session, forward, run_loop, start_run
+from train.trainer_state import TrainerState, open_output_dir
 
 logger = logging.getLogger(__name__)
 LOSS_TERMS = ("loss", "loss_clip", "loss_region", "loss_grounding", "region_weight")
@@ -73,106 +67,40 @@ def _scalar(value: Any) -> float:
     return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 
 
-def _forward(run: Run, batch: CLOCBatch) -> Any:
-    dtype = torch.bfloat16 if run.engine is not None and run.config.precision == "bf16" else None
-    inputs = batch.to(run.context.device, dtype).inputs
-    autocast = (
-        torch.autocast(run.context.device.type, dtype=torch.bfloat16)
-        if run.engine is None and run.config.precision == "bf16"
-        else contextlib.nullcontext()
+def _hooks(run: CLOCRun) -> LoopHooks:
+    """The CLOC parts of the loop: the loss terms, the log line, checkpoints, the logit-scale clamp."""
+    model, context, config = run.model, run.context, run.config
+
+    def terms(batch: CLOCBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        output = forward(run, batch)
+        values = {key: _scalar(getattr(output, key)) for key in LOSS_TERMS}
+        return output.loss, {**values, "images": float(batch.num_images)}
+
+    def log_fields(interval: dict[str, float], count: int, seconds: float) -> dict[str, Any]:
+        fields = context.reduce({key: interval[key] / count for key in LOSS_TERMS})
+        fields["logit_scale"] = float(model.logit_scale.detach().float().exp().mean())
+        fields["region_logit_scale"] = float(model.region_logit_scale.detach().float().exp().mean())
+        fields["images_per_s"] = interval["images"] * context.world_size / max(seconds, 1e-9)
+        return fields
+
+    def clamp_logit_scales() -> None:
+        with torch.no_grad():
+            model.logit_scale.clamp_(0.0, config.logit_scale_max)
+            model.region_logit_scale.clamp_(0.0, config.logit_scale_max)
+
+    return LoopHooks(
+        terms=terms,
+        mean_terms=LOSS_TERMS,
+        log_fields=log_fields,
+        save=lambda state: save_checkpoint(run, state),
+        collate=collate_cloc,
+        after_optimizer_step=clamp_logit_scales if config.logit_scale_max is not None else None,
+        desc="cloc",
     )
-    with autocast:
-        return run.module(**inputs)
 
 
-def _train_step(run: Run, batches: Iterator[CLOCBatch], state: TrainerState) -> dict[str, float]:
-    """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the step's loss terms."""
-    accumulation = run.config.gradient_accumulation_steps
-    sums = dict.fromkeys(LOSS_TERMS, 0.0)
-    lr = run.engine.get_lr()[0] if run.engine is not None else run.optimizer.param_groups[0]["lr"]
-    grad_norm = None
-    for micro in range(accumulation):
-        batch = next(batches)
-        state.pending_skipped += len(batch.skipped)
-        last = micro == accumulation - 1
-        sync = contextlib.nullcontext() if last or run.ddp is None else run.ddp.no_sync()
-        with sync:
-            output = _forward(run, batch)
-            if run.engine is not None:
-                run.engine.backward(output.loss)
-                run.engine.step()
-            else:
-                (output.loss / accumulation).backward()
-        for key in LOSS_TERMS:
-            sums[key] += _scalar(getattr(output, key)) / accumulation
-    if run.engine is not None:
-        grad_norm = run.engine.get_global_grad_norm()
-    else:
-        if run.config.grad_clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.grad_clip)
-        run.optimizer.step()
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        if run.config.logit_scale_max is not None:
-            with torch.no_grad():
-                run.model.logit_scale.clamp_(0.0, run.config.logit_scale_max)
-                run.model.region_logit_scale.clamp_(0.0, run.config.logit_scale_max)
-    state.step += 1
-    state.micro_batches += accumulation
-    sums["lr"] = float(lr)
-    if grad_norm is not None:
-        sums["grad_norm"] = float(grad_norm)
-    return sums
-
-
-@torch.no_grad()
-def evaluate(run: Run, dataset: RegionTextDataset) -> dict[str, float]:
-    """Mean loss terms over the validation set (at most ``val_max_batches`` batches per rank)."""
-    context, config = run.context, run.config
-    sampler = EvalBatchSampler(
-        len(dataset), config.batch_size, rank=context.rank, world_size=context.world_size,
-        max_batches=config.val_max_batches,
-    )  # fmt: skip
-    if len(sampler) == 0:
-        logger.warning("validation set smaller than one global batch; skipped")
-        return {}
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_cloc, num_workers=config.num_workers)
-    run.model.eval()
-    sums = dict.fromkeys(LOSS_TERMS, 0.0)
-    for batch in loader:
-        output = _forward(run, batch)
-        for key in LOSS_TERMS:
-            sums[key] += _scalar(getattr(output, key)) / len(sampler)
-    run.model.train()
-    return {f"val_{key}": value for key, value in context.reduce(sums).items()}
-
-
-def _log(run: Run, state: TrainerState, interval: dict[str, float], count: int, images: int, seconds: float) -> dict:
-    context, model = run.context, run.model
-    means = {key: value / count for key, value in interval.items() if key in LOSS_TERMS}
-    record: dict[str, Any] = {"step": state.step, "epoch": round(state.micro_batches / run.batches_per_epoch, 4)}
-    record.update(context.reduce(means))
-    record["skipped_images"] = state.flush_skipped(context)
-    record["lr"] = interval["lr"]
-    if "grad_norm" in interval:
-        record["grad_norm"] = interval["grad_norm"]
-    record["logit_scale"] = float(model.logit_scale.detach().float().exp().mean())
-    record["region_logit_scale"] = float(model.region_logit_scale.detach().float().exp().mean())
-    record["images_per_s"] = images * context.world_size / max(seconds, 1e-9)
-    state.log_history.append(record)
-    run.metrics.log(record)
-    return record
-
-
-def _build_run(config: CLOCTrainConfig, context: Any) -> tuple[Run, Path | None, RegionTextDataset | None]:
-    manager = CheckpointManager(config.output_dir, config.keep_last)
-    if context.is_main:
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    context.barrier()
-    resume = find_resume_dir(config, manager)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
+def _build_run(config: CLOCTrainConfig, context: Any) -> tuple[CLOCRun, Path | None, RegionTextDataset | None]:
+    manager, resume = open_output_dir(config, context)
     records = _load_records(config.train_data, "train")
     tokenizer = build_tokenizer(config, records, context, resume)
     model = build_model(config, tokenizer)
@@ -187,8 +115,22 @@ def _build_run(config: CLOCTrainConfig, context: Any) -> tuple[Run, Path | None,
     scalar_shapes = promote_scalar_parameters(model) if config.deepspeed else {}
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
-    run = Run(config, context, manager, model, model, optimizer, scheduler, tokenizer, processor, dataset)
-    run.scalar_shapes = scalar_shapes
+    run = CLOCRun(
+        config=config,
+        context=context,
+        manager=manager,
+        model=model,
+        module=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        peak_lrs=config.lr,
+        tokenizer=tokenizer,
+        processor=processor,
+        dataset=dataset,
+        max_steps=config.max_steps,
+        precision=config.precision,
+        scalar_shapes=scalar_shapes,
+    )
     if config.deepspeed:
         import deepspeed
 
@@ -210,115 +152,32 @@ def train_cloc(config: CLOCTrainConfig, step_callback: Callable[[TrainerState], 
     config.validate()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     start = time.perf_counter()
-    context = init_distributed(config.device, use_deepspeed=bool(config.deepspeed))
-    run = None
-    try:
+    with distributed_session(config.device, use_deepspeed=bool(config.deepspeed)) as context:
         run, resume, val = _build_run(config, context)
         state = TrainerState()
         if resume is not None:
             state = load_checkpoint(run, resume)
             logger.info("resumed from %s at step %d", resume, state.step)
-        if context.world_size > 1 and run.engine is None:
-            device_ids = [context.device.index] if context.device.type == "cuda" else None
-            run.ddp = run.module = torch.nn.parallel.DistributedDataParallel(run.model, device_ids=device_ids)
-        if context.is_main:
-            run.manager.remove_stale_tmp()
-            config.save_yaml(Path(config.output_dir) / "train_config.yaml")
         sampler = ResumableBatchSampler(
-            len(run.dataset), config.batch_size, seed=config.seed, rank=context.rank,
-            world_size=context.world_size, start=state.micro_batches,
-        )  # fmt: skip
-        loader = DataLoader(
-            run.dataset, batch_sampler=sampler, collate_fn=collate_cloc, num_workers=config.num_workers,
-            generator=torch.Generator().manual_seed(config.seed), persistent_workers=config.num_workers > 0,
-            pin_memory=context.device.type == "cuda",
-        )  # fmt: skip
-        run.batches_per_epoch = sampler.batches_per_epoch
-        batches = iter(loader)
-        if resume is not None:
-            run.restore_rng(resume)
-        run.metrics = MetricsLogger(
-            config.output_dir,
-            resume_step=state.step if resume is not None else None,
-            tensorboard=config.tensorboard,
-            enabled=context.is_main,
+            len(run.dataset), config.batch_size, seed=config.seed, rank=context.rank, world_size=context.world_size
         )
-        return _loop(run, state, batches, sampler, val, start, step_callback)
-    finally:
-        if run is not None and run.metrics is not None:
-            run.metrics.close()
-        context.shutdown()
-
-
-def _loop(
-    run: Run,
-    state: TrainerState,
-    batches: Iterator[CLOCBatch],
-    sampler: ResumableBatchSampler,
-    val: RegionTextDataset | None,
-    start: float,
-    step_callback: Callable[[TrainerState], None] | None,
-) -> TrainResult:
-    config, context = run.config, run.context
-    history = state.log_history
-    last_record: dict[str, Any] = next((r for r in reversed(history) if "loss" in r), {})
-    val_metrics = next((r for r in reversed(history) if "val_loss" in r and r["step"] == state.step), None)
-    saved_step = state.step if state.step else -1
-    interval: dict[str, float] = {}
-    count, images, tick = 0, 0, time.perf_counter()
-    stop_reason = "max_steps"
-    progress = tqdm(
-        total=config.max_steps, initial=state.step, disable=not (context.is_main and config.progress_bar),
-        desc="cloc", dynamic_ncols=True,
-    )  # fmt: skip
-    while state.step < config.max_steps:
-        step_terms = _train_step(run, batches, state)
-        state.epoch, state.position = sampler.locate(state.micro_batches)
-        for key, value in step_terms.items():
-            interval[key] = interval.get(key, 0.0) + value if key in LOSS_TERMS else value
-        count += 1
-        images += config.batch_size * config.gradient_accumulation_steps
-        progress.update(1)
-        if not math.isfinite(step_terms["loss"]):
-            logger.warning("non-finite loss %s at step %d", step_terms["loss"], state.step)
-        if state.step % config.log_every == 0 or state.step == config.max_steps:
-            last_record = _log(run, state, interval, count, images, time.perf_counter() - tick)
-            progress.set_postfix(loss=f"{last_record['loss']:.4f}")
-            interval, count, images, tick = {}, 0, 0, time.perf_counter()
-        if val is not None and config.eval_every and state.step % config.eval_every == 0:
-            val_metrics = _validate(run, state, val)
-        if config.save_every and state.step % config.save_every == 0:
-            save_checkpoint(run, state)
-            saved_step = state.step
-        if step_callback is not None:
-            step_callback(state)
-        if config.max_minutes is not None:
-            over = (time.perf_counter() - start) / 60.0 >= config.max_minutes
-            if context.reduce({"over": float(over)}, op="max")["over"] > 0:
-                stop_reason = "max_minutes"
-                break
-    progress.close()
-    if count:  # stopped by max_minutes between two logging steps
-        last_record = _log(run, state, interval, count, images, time.perf_counter() - tick)
-    if val is not None and (val_metrics is None or val_metrics.get("step") != state.step):
-        val_metrics = _validate(run, state, val)
-    checkpoint = run.manager.path(saved_step) if saved_step == state.step else save_checkpoint(run, state)
-    return TrainResult(
-        step=state.step,
-        epoch=state.epoch,
-        metrics=last_record,
-        val_metrics=val_metrics,
-        checkpoint=checkpoint,
-        output_dir=Path(config.output_dir),
-        stop_reason=stop_reason,
-        skipped_images=state.flush_skipped(context),
-        elapsed_s=time.perf_counter() - start,
-        log_history=list(state.log_history),
-    )
-
-
-def _validate(run: Run, state: TrainerState, val: RegionTextDataset) -> dict[str, float]:
-    return record_validation(run.metrics, state, run.batches_per_epoch, evaluate(run, val))
+        hooks = _hooks(run)
+        batches = start_run(run, state, resume, sampler, hooks)
+        outcome = run_loop(
+            run, state, batches, sampler, hooks, val_dataset=val, start=start, step_callback=step_callback
+        )
+        return TrainResult(
+            step=state.step,
+            epoch=state.epoch,
+            metrics=outcome.metrics,
+            val_metrics=outcome.val_metrics,
+            checkpoint=outcome.checkpoint,
+            output_dir=Path(config.output_dir),
+            stop_reason=outcome.stop_reason,
+            skipped_images=state.flush_skipped(context)["skipped_images"],
+            elapsed_s=time.perf_counter() - start,
+            log_history=list(state.log_history),
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,220 +1,41 @@
-"""The state of a running CLOC pretraining job, and saving / resuming it through :mod:`train.checkpoint`.
+"""Saving and resuming a CLOC pretraining job (the collective skeleton is :mod:`train.trainer_state`'s).
 
-Every rank calls :func:`save_checkpoint` and :func:`load_checkpoint` at the same step (they hold barriers and, under
-DeepSpeed, the engine's collective save/load). Rank 0 writes the model, tokenizer, processor, optimizer and
-scheduler; every rank writes its RNG state; ``trainer_state.json`` is written last and the folder is renamed into
-place only after all ranks are done.
+A CLOC checkpoint is a complete encoder: ``CLOCModel.save_pretrained`` files, the tokenizer and the image
+processor, loadable on their own, plus what resuming needs (see :mod:`train.checkpoint`).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-from transformers import PreTrainedTokenizerBase
-
-from cloc_encoder.image_processing import CLOCImageProcessor
-from train.checkpoint import (
-    TRAINER_STATE,
-    CheckpointManager,
-    capture_rng_state,
-    load_model_weights,
-    load_state,
-    read_json,
-    restore_rng_state,
-    save_state,
-    write_json,
-)
-from train.cloc_config import CLOCTrainConfig, ConfigError
-from train.cloc_data import RegionTextDataset
-from train.cloc_metrics import MetricsLogger
-from train.cloc_runtime import DistributedContext, checkpoint_state_dict
-
-logger = logging.getLogger(__name__)
-DEEPSPEED_TAG = "deepspeed"
+from train.checkpoint import load_model_weights
+from train.cloc_runtime import checkpoint_state_dict
+from train.trainer_state import Run, TrainerState, load_run_checkpoint, save_run_checkpoint
 
 
-@dataclass
-class TrainerState:
-    """Progress of a run. ``micro_batches`` (per rank) is the sampler position; ``epoch``/``position`` say the same
-    in data set terms. ``skipped_images`` counts unreadable images over all ranks."""
+@dataclass(kw_only=True)
+class CLOCRun(Run):
+    """A :class:`~train.trainer_state.Run` whose ``model`` is the bare :class:`~cloc_encoder.CLOCModel`;
+    ``scalar_shapes`` are the scalar parameters promoted to 1-element tensors for DeepSpeed."""
 
-    step: int = 0
-    epoch: int = 0
-    position: int = 0
-    micro_batches: int = 0
-    skipped_images: int = 0
-    log_history: list[dict[str, Any]] = field(default_factory=list)
-    pending_skipped: int = field(default=0, repr=False)
-
-    def flush_skipped(self, context: DistributedContext) -> int:
-        """Add every rank's not-yet-counted skips to ``skipped_images`` (collective); returns the total."""
-        self.skipped_images += int(context.reduce({"skipped": self.pending_skipped}, op="sum")["skipped"])
-        self.pending_skipped = 0
-        return self.skipped_images
-
-    def to_json(self, config: CLOCTrainConfig, context: DistributedContext) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("pending_skipped")
-        data.update(
-            world_size=context.world_size,
-            batch_size=config.batch_size,
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            seed=config.seed,
-        )
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TrainerState:
-        names = ("step", "epoch", "position", "micro_batches", "skipped_images", "log_history")
-        return cls(**{name: data[name] for name in names if name in data})
-
-
-@dataclass
-class Run:
-    """Everything the training loop touches. ``module`` is what is called (the model, DDP wrapper or DeepSpeed
-    engine); ``model`` is always the bare :class:`~cloc_encoder.CLOCModel`."""
-
-    config: CLOCTrainConfig
-    context: DistributedContext
-    manager: CheckpointManager
-    model: nn.Module
-    module: Any
-    optimizer: Any
-    scheduler: Any
-    tokenizer: PreTrainedTokenizerBase
-    processor: CLOCImageProcessor
-    dataset: RegionTextDataset
-    engine: Any = None
-    ddp: Any = None
-    metrics: MetricsLogger | None = None
-    batches_per_epoch: int = 1
     scalar_shapes: dict[str, Any] = field(default_factory=dict)
 
-    def restore_rng(self, folder: Path) -> None:
-        """Restore this rank's RNG state from a checkpoint (a warning when the world size changed)."""
-        name = f"rng_state_rank{self.context.rank}"
-        if (folder / f"{name}.json").exists():
-            restore_rng_state(load_state(folder, name))
-        else:
-            logger.warning("%s has no %s; random streams will differ from the original run", folder, name)
 
-
-def save_checkpoint(run: Run, state: TrainerState) -> Path:
+def save_checkpoint(run: CLOCRun, state: TrainerState) -> Path:
     """Write ``step-NNNNNN`` atomically (collective: every rank must call it at the same step)."""
-    context, config, manager = run.context, run.config, run.manager
-    state.flush_skipped(context)
-    if context.is_main:
-        manager.begin(state.step)
-    context.barrier()
-    tmp = manager.tmp_path(state.step)
-    if run.engine is not None:
-        run.engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False)
-    save_state(tmp, f"rng_state_rank{context.rank}", capture_rng_state())
-    if context.is_main:
-        run.model.save_pretrained(tmp, state_dict=checkpoint_state_dict(run.model, run.scalar_shapes))
-        run.tokenizer.save_pretrained(tmp)
-        run.processor.save_pretrained(tmp)
-        config.save_yaml(tmp / "train_config.yaml")
-        if run.engine is None:
-            save_state(tmp, "optimizer", run.optimizer.state_dict())
-            save_state(tmp, "scheduler", run.scheduler.state_dict())
-    context.barrier()
-    final = manager.path(state.step)
-    if context.is_main:
-        write_json(tmp / TRAINER_STATE, state.to_json(config, context))
-        final = manager.commit(state.step)
-        logger.info("saved checkpoint %s", final)
-    context.barrier()
-    return final
+
+    def write_files(folder: Path) -> None:
+        if run.context.is_main:
+            run.model.save_pretrained(folder, state_dict=checkpoint_state_dict(run.model, run.scalar_shapes))
+            run.tokenizer.save_pretrained(folder)
+            run.processor.save_pretrained(folder)
+
+    return save_run_checkpoint(run, state, write_files)
 
 
-def load_checkpoint(run: Run, folder: Path) -> TrainerState:
-    """Restore model, optimizer, scheduler and progress from ``folder`` (RNG: :meth:`Run.restore_rng`)."""
-    saved = read_json(folder / TRAINER_STATE)
-    config, context = run.config, run.context
-    before = saved.get("batch_size", config.batch_size) * saved.get("world_size", context.world_size)
-    if before != config.batch_size * context.world_size:
-        logger.warning(
-            "resuming with a global batch of %d images instead of %d: the data order will differ from the original",
-            config.batch_size * context.world_size,
-            before,
-        )
-    if run.engine is not None:
-        if not (folder / DEEPSPEED_TAG).is_dir():
-            raise RuntimeError(f"{folder} was not written under DeepSpeed; it holds no {DEEPSPEED_TAG}/ engine state")
-        run.engine.load_checkpoint(
-            str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-    else:
-        load_model_weights(run.model, folder)
-        if not (folder / "optimizer.json").exists():
-            raise RuntimeError(f"{folder} holds no optimizer.json (written under DeepSpeed? resume with deepspeed=...)")
-        run.optimizer.load_state_dict(load_state(folder, "optimizer"))
-        run.scheduler.load_state_dict(load_state(folder, "scheduler"))
-    resync_schedule(run.scheduler, config.lr)
+def load_checkpoint(run: CLOCRun, folder: Path) -> TrainerState:
+    """Restore model, optimizer, scheduler and progress from ``folder`` (RNG: :meth:`CLOCRun.restore_rng`)."""
+    saved = load_run_checkpoint(run, folder, lambda path: load_model_weights(run.model, path))
     return TrainerState.from_json(saved)
-
-
-def resync_schedule(scheduler: Any, peak_lr: float | Sequence[float]) -> None:
-    """Set every group's lr from the *current* config's schedule at the restored step.
-
-    The optimizer state holds the lr its last step left behind, computed with the old run's ``max_steps``; this
-    makes a resumed run follow the new config (e.g. a raised ``max_steps``) and changes nothing otherwise.
-    ``peak_lr`` is one peak for every parameter group, or one per group.
-    """
-    groups = scheduler.optimizer.param_groups
-    peaks = [float(peak_lr)] * len(groups) if isinstance(peak_lr, (int, float)) else [float(p) for p in peak_lr]
-    scheduler.base_lrs = list(peaks)
-    for group, factor, peak in zip(groups, scheduler.lr_lambdas, peaks, strict=True):
-        group["initial_lr"] = peak
-        group["lr"] = peak * factor(scheduler.last_epoch)
-
-
-def find_resume_dir(config: Any, manager: CheckpointManager) -> Path | None:
-    """The checkpoint a run starts from: ``config.resume_from``, or with ``config.resume`` the latest one in
-    ``output_dir`` (``None`` when there is none yet). A fresh start into an ``output_dir`` that already holds
-    checkpoints is refused, so a forgotten ``--resume`` never overwrites a run."""
-    if config.resume_from:
-        folder = Path(config.resume_from)
-        if not manager.is_complete(folder):
-            raise ConfigError(f"resume_from={folder}: not a complete checkpoint (no trainer_state.json)")
-        return folder
-    latest = manager.latest()
-    if config.resume:
-        if latest is None:
-            logger.info("resume: no checkpoint in %s yet; starting from scratch", config.output_dir)
-        return latest
-    if latest is not None:
-        raise ConfigError(
-            f"output_dir={config.output_dir} already holds checkpoints ({latest.name}); "
-            "resume with --resume (resume=true) or choose another output_dir"
-        )
-    return None
-
-
-__all__ = [
-    "DEEPSPEED_TAG",
-    "Run",
-    "TrainerState",
-    "find_resume_dir",
-    "load_checkpoint",
-    "resync_schedule",
-    "save_checkpoint",
-]
-
-
-def record_validation(
-    metrics_logger: MetricsLogger, state: TrainerState, batches_per_epoch: int, metrics: dict[str, float]
-) -> dict[str, Any]:
-    """Append validation ``metrics`` (may be empty: nothing logged) to the history and the logs as ``val_*``."""
-    if not metrics:
-        return {}
-    record = {"step": state.step, "epoch": round(state.micro_batches / batches_per_epoch, 4), **metrics}
-    state.log_history.append(record)
-    metrics_logger.log(record, prefix="val")
-    return record

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +32,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from train.checkpoint import (
-    TRAINER_STATE,
-    CheckpointManager,
-    capture_rng_state,
-    load_state,
-    read_json,
-    restore_rng_state,
-    save_state,
-    write_json,
-)
-from train.cloc_metrics import MetricsLogger
-from train.cloc_run import DEEPSPEED_TAG, TrainerState, resync_schedule
+from train.checkpoint import TRAINER_STATE, read_json, write_json
 from train.cloc_runtime import DistributedContext
 from train.mllm_build import MM_PROJECTOR_FILE, PROJECTOR_PREFIXES, save_projector, unwrap
-from train.mllm_config import MLLMTrainConfig
+from train.trainer_state import Run, TrainerState, load_run_checkpoint, save_run_checkpoint
 
 logger = logging.getLogger(__name__)
 TRAINABLE_FILE = "trainable.safetensors"
@@ -57,61 +46,35 @@ PEFT_PREFIX = "base_model.model."
 
 @dataclass
 class MLLMTrainerState(TrainerState):
-    """:class:`~train.cloc_run.TrainerState` plus ``skipped_too_long`` (samples that could not fit ``max_length``)."""
+    """:class:`~train.trainer_state.TrainerState` plus ``skipped_too_long`` (samples that could not fit
+    ``max_length``)."""
 
     skipped_too_long: int = 0
     pending_too_long: int = field(default=0, repr=False)
 
-    def flush_skipped(self, context: DistributedContext) -> int:
+    def note_batch(self, batch: Any) -> None:
+        super().note_batch(batch)
+        self.pending_too_long += len(batch.too_long)
+
+    def flush_skipped(self, context: DistributedContext) -> dict[str, int]:
         totals = context.reduce({"images": self.pending_skipped, "long": self.pending_too_long}, op="sum")
         self.skipped_images += int(totals["images"])
         self.skipped_too_long += int(totals["long"])
         self.pending_skipped = self.pending_too_long = 0
-        return self.skipped_images
+        return {"skipped_images": self.skipped_images, "skipped_too_long": self.skipped_too_long}
 
     def to_json(self, config: Any, context: DistributedContext) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("pending_skipped")
-        data.pop("pending_too_long")
-        data.update(
-            world_size=context.world_size,
-            batch_size=config.batch_size,
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            seed=config.seed,
-            stage=config.stage,
-        )
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> MLLMTrainerState:
-        names = ("step", "epoch", "position", "micro_batches", "skipped_images", "skipped_too_long", "log_history")
-        return cls(**{name: data[name] for name in names if name in data})
+        return {**super().to_json(config, context), "stage": config.stage}
 
 
-@dataclass
-class MLLMRun:
-    """Everything the loop touches. ``model`` is the model being trained (a PEFT wrapper with LoRA, else the
-    :class:`~mllm.CLOCLlavaForConditionalGeneration`); ``module`` is what is called (model, DDP or DeepSpeed)."""
+@dataclass(kw_only=True)
+class MLLMRun(Run):
+    """A :class:`~train.trainer_state.Run` whose ``model`` is a PEFT wrapper with LoRA, else the
+    :class:`~mllm.CLOCLlavaForConditionalGeneration`. ``source`` describes where the frozen weights come from,
+    ``base_dir`` the base model folder a LoRA adapter refers to."""
 
-    config: MLLMTrainConfig
-    context: DistributedContext
-    manager: CheckpointManager
-    model: nn.Module
-    module: Any
-    optimizer: Any
-    scheduler: Any
-    peak_lrs: list[float]
-    tokenizer: Any
-    processor: Any
-    dataset: Any
-    precision: str = "fp32"
     source: dict[str, Any] = field(default_factory=dict)
     base_dir: Path | None = None
-    engine: Any = None
-    ddp: Any = None
-    metrics: MetricsLogger | None = None
-    batches_per_epoch: int = 1
-    max_steps: int = 1
     trainable_counts: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -129,13 +92,6 @@ class MLLMRun:
 
     def trainable_names(self) -> list[str]:
         return [name for name, parameter in self.model.named_parameters() if parameter.requires_grad]
-
-    def restore_rng(self, folder: Path) -> None:
-        name = f"rng_state_rank{self.context.rank}"
-        if (folder / f"{name}.json").exists():
-            restore_rng_state(load_state(folder, name))
-        else:
-            logger.warning("%s has no %s; random streams will differ from the original run", folder, name)
 
 
 def gather_state(run: MLLMRun, everything: bool = False) -> dict[str, torch.Tensor] | None:
@@ -188,31 +144,14 @@ def _write_outputs(run: MLLMRun, folder: Path, trainable: dict[str, torch.Tensor
 
 def save_mllm_checkpoint(run: MLLMRun, state: MLLMTrainerState) -> Path:
     """Write ``step-NNNNNN`` atomically (collective: every rank calls it at the same step)."""
-    context, config, manager = run.context, run.config, run.manager
-    state.flush_skipped(context)
-    if context.is_main:
-        manager.begin(state.step)
-    context.barrier()
-    tmp = manager.tmp_path(state.step)
-    if run.engine is not None:
-        run.engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
-    save_state(tmp, f"rng_state_rank{context.rank}", capture_rng_state())
-    full = gather_state(run, everything=True) if run.full_model else None
-    trainable = gather_state(run)
-    if context.is_main:
-        _write_outputs(run, tmp, trainable, full)
-        config.save_yaml(tmp / "train_config.yaml")
-        if run.engine is None:
-            save_state(tmp, "optimizer", run.optimizer.state_dict())
-            save_state(tmp, "scheduler", run.scheduler.state_dict())
-    context.barrier()
-    final = manager.path(state.step)
-    if context.is_main:
-        write_json(tmp / TRAINER_STATE, state.to_json(config, context))
-        final = manager.commit(state.step)
-        logger.info("saved checkpoint %s", final)
-    context.barrier()
-    return final
+
+    def write_files(folder: Path) -> None:
+        full = gather_state(run, everything=True) if run.full_model else None
+        trainable = gather_state(run)
+        if run.context.is_main:
+            _write_outputs(run, folder, trainable, full)
+
+    return save_run_checkpoint(run, state, write_files, exclude_frozen=True)
 
 
 def _load_full_model(model: nn.Module, folder: Path) -> None:
@@ -232,43 +171,26 @@ def _load_full_model(model: nn.Module, folder: Path) -> None:
 
 def load_mllm_checkpoint(run: MLLMRun, folder: Path) -> MLLMTrainerState:
     """Restore trainable weights, optimizer, scheduler and progress (RNG: :meth:`MLLMRun.restore_rng`)."""
-    saved = read_json(folder / TRAINER_STATE)
-    config, context = run.config, run.context
-    if saved.get("stage", config.stage) != config.stage:
-        raise RuntimeError(f"{folder} is a stage-{saved.get('stage')} checkpoint; this run is stage {config.stage}")
-    before = saved.get("batch_size", config.batch_size) * saved.get("world_size", context.world_size)
-    if before != config.batch_size * context.world_size:
-        logger.warning("resuming with another global batch (%d instead of %d): the data order will differ",
-                       config.batch_size * context.world_size, before)  # fmt: skip
-    if run.engine is not None:
-        if not (folder / DEEPSPEED_TAG).is_dir():
-            raise RuntimeError(f"{folder} was not written under DeepSpeed; it holds no {DEEPSPEED_TAG}/ engine state")
-        run.engine.load_checkpoint(
-            str(folder),
-            tag=DEEPSPEED_TAG,
-            load_module_strict=False,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
-    else:
+    stage = read_json(folder / TRAINER_STATE).get("stage", run.config.stage)
+    if stage != run.config.stage:
+        raise RuntimeError(f"{folder} is a stage-{stage} checkpoint; this run is stage {run.config.stage}")
+
+    def load_weights(path: Path) -> None:
         if run.full_model:
-            _load_full_model(unwrap(run.model), folder)
-        else:
-            state = load_file(str(folder / TRAINABLE_FILE))
-            expected = set(run.trainable_names())
-            if set(state) != expected:
-                raise RuntimeError(
-                    f"{folder}: the trainable parameters differ from this run's (saved {len(state)}, here "
-                    f"{len(expected)}; e.g. {sorted(set(state) ^ expected)[:3]}): same stage, LoRA and tune_* flags?"
-                )
-            _, unexpected = run.model.load_state_dict(state, strict=False)
-            if unexpected:
-                raise RuntimeError(f"{folder}: unexpected keys {unexpected[:5]}")
-        if not (folder / "optimizer.json").exists():
-            raise RuntimeError(f"{folder} holds no optimizer.json (written under DeepSpeed? resume with deepspeed=...)")
-        run.optimizer.load_state_dict(load_state(folder, "optimizer"))
-        run.scheduler.load_state_dict(load_state(folder, "scheduler"))
-    resync_schedule(run.scheduler, run.peak_lrs)
+            _load_full_model(unwrap(run.model), path)
+            return
+        state = load_file(str(path / TRAINABLE_FILE))
+        expected = set(run.trainable_names())
+        if set(state) != expected:
+            raise RuntimeError(
+                f"{path}: the trainable parameters differ from this run's (saved {len(state)}, here "
+                f"{len(expected)}; e.g. {sorted(set(state) ^ expected)[:3]}): same stage, LoRA and tune_* flags?"
+            )
+        _, unexpected = run.model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise RuntimeError(f"{path}: unexpected keys {unexpected[:5]}")
+
+    saved = load_run_checkpoint(run, folder, load_weights, strict_engine=False)
     return MLLMTrainerState.from_json(saved)
 
 

@@ -12,34 +12,27 @@ projector (``pretrain_mm_projector=...``) and trains the LLM — fully, with LoR
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import logging
 import math
 import os
-import random
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from train.checkpoint import CheckpointManager
 from train.cloc_build import lr_factor
 from train.cloc_config import ConfigError
-from train.cloc_data import EvalBatchSampler, ResumableBatchSampler
-from train.cloc_metrics import MetricsLogger
-from train.cloc_run import find_resume_dir, record_validation
-from train.cloc_runtime import deepspeed_config, init_distributed, launch_parser, prepare_launch
+from train.cloc_data import ResumableBatchSampler
+from train.cloc_runtime import deepspeed_config, launch_parser, prepare_launch
+from train.loop import LoopHooks, distributed_session, forward, run_loop, start_run
 from train.mllm_build import (
     MM_PROJECTOR_FILE,
     apply_lora,
@@ -63,6 +56,7 @@ from train.mllm_data import (
     collate_conversations,
 )
 from train.mllm_run import MLLMRun, MLLMTrainerState, load_mllm_checkpoint, save_mllm_checkpoint
+from train.trainer_state import open_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -113,15 +107,8 @@ def _zero3_auto_values(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def _build_run(config: MLLMTrainConfig, context: Any) -> tuple[MLLMRun, Path | None, ConversationDataset | None, Any]:
-    manager = CheckpointManager(config.output_dir, config.keep_last)
-    if context.is_main:
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    context.barrier()
-    resume = find_resume_dir(config, manager)
+    manager, resume = open_output_dir(config, context)
     precision = config.resolved_precision()
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
     records = _load_records(config, config.train_data, "train")
     tokenizer = build_tokenizer(config, records, context, resume)
     factory = functools.partial(build_processor, config, tokenizer=tokenizer)
@@ -198,98 +185,34 @@ def _with_precision(config: MLLMTrainConfig, precision: str) -> MLLMTrainConfig:
     return resolved
 
 
-def _forward(run: MLLMRun, batch: MLLMBatch) -> torch.Tensor:
-    dtype = torch.bfloat16 if run.engine is not None and run.precision == "bf16" else None
-    inputs = batch.to(run.context.device, dtype).inputs
-    autocast = (
-        torch.autocast(run.context.device.type, dtype=torch.bfloat16)
-        if run.engine is None and run.precision == "bf16"
-        else contextlib.nullcontext()
-    )
-    with autocast:
-        return run.module(**inputs, use_cache=False).loss
-
-
-def _train_step(run: MLLMRun, batches: Iterator[MLLMBatch], state: MLLMTrainerState) -> dict[str, float]:
-    """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
-    accumulation = run.config.gradient_accumulation_steps
-    terms = {"loss": 0.0, "supervised_tokens": 0.0, "tokens": 0.0, "samples": 0.0}
-    lr = run.optimizer.param_groups[0]["lr"]
-    grad_norm = None
-    for micro in range(accumulation):
-        batch = next(batches)
-        state.pending_skipped += len(batch.skipped)
-        state.pending_too_long += len(batch.too_long)
-        last = micro == accumulation - 1
-        sync = contextlib.nullcontext() if last or run.ddp is None else run.ddp.no_sync()
-        with sync:
-            loss = _forward(run, batch)
-            if run.engine is not None:
-                run.engine.backward(loss)
-                run.engine.step()
-            else:
-                (loss / accumulation).backward()
-        terms["loss"] += float(loss.detach()) / accumulation
-        terms["supervised_tokens"] += batch.num_supervised
-        terms["tokens"] += batch.num_tokens
-        terms["samples"] += len(batch.ids)
-    if run.engine is not None:
-        grad_norm = run.engine.get_global_grad_norm()
-    else:
-        if run.config.grad_clip:
-            trainable = [p for p in run.model.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, run.config.grad_clip)
-        run.optimizer.step()
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
-    state.step += 1
-    state.micro_batches += accumulation
-    terms["lr"] = float(lr)
-    if grad_norm is not None:
-        terms["grad_norm"] = float(grad_norm)
-    return terms
-
-
-@torch.no_grad()
-def evaluate(run: MLLMRun, dataset: ConversationDataset, collate: Callable) -> dict[str, float]:
-    """Mean validation loss over at most ``val_max_batches`` batches per rank."""
-    context, config = run.context, run.config
-    sampler = EvalBatchSampler(
-        len(dataset), config.batch_size, rank=context.rank, world_size=context.world_size,
-        max_batches=config.val_max_batches,
-    )  # fmt: skip
-    if len(sampler) == 0:
-        logger.warning("validation set smaller than one global batch; skipped")
-        return {}
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.num_workers)
-    run.module.eval()
-    total = 0.0
-    for batch in loader:
-        total += float(_forward(run, batch)) / len(sampler)
-    run.module.train()
-    return {"val_loss": context.reduce({"loss": total})["loss"]}
-
-
-def _log(run: MLLMRun, state: MLLMTrainerState, interval: dict[str, float], count: int, seconds: float) -> dict:
+def _hooks(run: MLLMRun) -> LoopHooks:
+    """The MLLM parts of the loop: the language-model loss with token counts, the log line, checkpoints."""
     context = run.context
-    sums = context.reduce(
-        {"loss": interval["loss"], "supervised_tokens": interval["supervised_tokens"],
-         "tokens": interval["tokens"], "samples": interval["samples"]},
-        op="sum",
-    )  # fmt: skip
-    record: dict[str, Any] = {"step": state.step, "epoch": round(state.micro_batches / run.batches_per_epoch, 4)}
-    record["loss"] = sums["loss"] / (count * context.world_size)
-    record["lr"] = interval["lr"]
-    if "grad_norm" in interval:
-        record["grad_norm"] = interval["grad_norm"]
-    record["supervised_tokens"] = int(sums["supervised_tokens"])
-    record["tokens_per_s"] = sums["tokens"] / max(seconds, 1e-9)
-    record["samples_per_s"] = sums["samples"] / max(seconds, 1e-9)
-    record["skipped_images"] = state.flush_skipped(context)
-    record["skipped_too_long"] = state.skipped_too_long
-    state.log_history.append(record)
-    run.metrics.log(record)
-    return record
+    collate = functools.partial(collate_conversations, config=_collate_config(run))
+
+    def terms(batch: MLLMBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = forward(run, batch, use_cache=False).loss
+        counts = {"supervised_tokens": batch.num_supervised, "tokens": batch.num_tokens, "samples": len(batch.ids)}
+        return loss, {"loss": float(loss.detach()), **{key: float(value) for key, value in counts.items()}}
+
+    def log_fields(interval: dict[str, float], count: int, seconds: float) -> dict[str, Any]:
+        names = ("loss", "supervised_tokens", "tokens", "samples")
+        sums = context.reduce({key: interval[key] for key in names}, op="sum")
+        return {
+            "loss": sums["loss"] / (count * context.world_size),
+            "supervised_tokens": int(sums["supervised_tokens"]),
+            "tokens_per_s": sums["tokens"] / max(seconds, 1e-9),
+            "samples_per_s": sums["samples"] / max(seconds, 1e-9),
+        }
+
+    return LoopHooks(
+        terms=terms,
+        mean_terms=("loss",),
+        log_fields=log_fields,
+        save=lambda state: save_mllm_checkpoint(run, state),
+        collate=collate,
+        desc=f"mllm stage {run.config.stage}",
+    )
 
 
 def train_mllm(
@@ -302,43 +225,42 @@ def train_mllm(
     config.validate()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     start = time.perf_counter()
-    context = init_distributed(config.device, use_deepspeed=bool(config.deepspeed))
-    run = None
-    try:
+    with distributed_session(config.device, use_deepspeed=bool(config.deepspeed)) as context:
         run, resume, val, sampler = _build_run(config, context)
         state = MLLMTrainerState()
         if resume is not None:
             state = load_mllm_checkpoint(run, resume)
             logger.info("resumed from %s at step %d", resume, state.step)
-        if context.world_size > 1 and run.engine is None:
-            device_ids = [context.device.index] if context.device.type == "cuda" else None
-            run.ddp = run.module = torch.nn.parallel.DistributedDataParallel(
-                run.model, device_ids=device_ids, find_unused_parameters=config.tune_vision_tower
-            )
-        if context.is_main:
-            run.manager.remove_stale_tmp()
-            config.save_yaml(Path(config.output_dir) / "train_config.yaml")
-        sampler.start = state.micro_batches
-        collate = functools.partial(collate_conversations, config=_collate_config(run))
-        loader = DataLoader(
-            run.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.num_workers,
-            generator=torch.Generator().manual_seed(config.seed), persistent_workers=config.num_workers > 0,
-            pin_memory=context.device.type == "cuda",
-        )  # fmt: skip
-        batches = iter(loader)
-        if resume is not None:
-            run.restore_rng(resume)
-        run.metrics = MetricsLogger(
-            config.output_dir,
-            resume_step=state.step if resume is not None else None,
-            tensorboard=config.tensorboard,
-            enabled=context.is_main,
+        hooks = _hooks(run)
+        batches = start_run(run, state, resume, sampler, hooks, find_unused_parameters=config.tune_vision_tower)
+        outcome = run_loop(
+            run, state, batches, sampler, hooks, val_dataset=val, start=start, step_callback=step_callback
         )
-        return _loop(run, state, batches, sampler, val, collate, start, step_callback)
-    finally:
-        if run is not None and run.metrics is not None:
-            run.metrics.close()
-        context.shutdown()
+        projector = Path(config.output_dir) / MM_PROJECTOR_FILE
+        if context.is_main:
+            tmp = projector.with_suffix(".tmp")
+            shutil.copyfile(outcome.checkpoint / MM_PROJECTOR_FILE, tmp)
+            os.replace(tmp, projector)
+        context.barrier()
+        return MLLMTrainResult(
+            stage=config.stage,
+            step=state.step,
+            max_steps=run.max_steps,
+            epoch=state.epoch,
+            metrics=outcome.metrics,
+            val_metrics=outcome.val_metrics,
+            checkpoint=outcome.checkpoint,
+            mm_projector=projector,
+            output_dir=Path(config.output_dir),
+            stop_reason=outcome.stop_reason,
+            skipped_images=state.flush_skipped(context)["skipped_images"],
+            skipped_too_long=state.skipped_too_long,
+            trainable_parameters=dict(run.trainable_counts),
+            elapsed_s=time.perf_counter() - start,
+            log_history=list(state.log_history),
+            model=run.model,
+            processor=run.processor,
+        )
 
 
 def _collate_config(run: MLLMRun) -> CollateConfig:
@@ -350,90 +272,6 @@ def _collate_config(run: MLLMRun) -> CollateConfig:
         image_seq_length=model_config.image_seq_length,
         image_size=model_config.vision_config.vision_config.image_size,
     )
-
-
-def _loop(
-    run: MLLMRun,
-    state: MLLMTrainerState,
-    batches: Iterator[MLLMBatch],
-    sampler: ResumableBatchSampler,
-    val: ConversationDataset | None,
-    collate: Callable,
-    start: float,
-    step_callback: Callable[[MLLMTrainerState], None] | None,
-) -> MLLMTrainResult:
-    config, context = run.config, run.context
-    history = state.log_history
-    last_record: dict[str, Any] = next((r for r in reversed(history) if "loss" in r), {})
-    val_metrics = next((r for r in reversed(history) if "val_loss" in r and r["step"] == state.step), None)
-    saved_step = state.step if state.step else -1
-    interval: dict[str, float] = {}
-    count, tick = 0, time.perf_counter()
-    stop_reason = "max_steps"
-    progress = tqdm(
-        total=run.max_steps, initial=state.step, disable=not (context.is_main and config.progress_bar),
-        desc=f"mllm stage {config.stage}", dynamic_ncols=True,
-    )  # fmt: skip
-    while state.step < run.max_steps:
-        terms = _train_step(run, batches, state)
-        state.epoch, state.position = sampler.locate(state.micro_batches)
-        for key, value in terms.items():
-            interval[key] = interval.get(key, 0.0) + value if key not in ("lr", "grad_norm") else value
-        count += 1
-        progress.update(1)
-        if not math.isfinite(terms["loss"]):
-            logger.warning("non-finite loss %s at step %d", terms["loss"], state.step)
-        if state.step % config.log_every == 0 or state.step == run.max_steps:
-            last_record = _log(run, state, interval, count, time.perf_counter() - tick)
-            progress.set_postfix(loss=f"{last_record['loss']:.4f}")
-            interval, count, tick = {}, 0, time.perf_counter()
-        if val is not None and config.eval_every and state.step % config.eval_every == 0:
-            val_metrics = _validate(run, state, val, collate)
-        if config.save_every and state.step % config.save_every == 0:
-            save_mllm_checkpoint(run, state)
-            saved_step = state.step
-        if step_callback is not None:
-            step_callback(state)
-        if config.max_minutes is not None:
-            over = (time.perf_counter() - start) / 60.0 >= config.max_minutes
-            if context.reduce({"over": float(over)}, op="max")["over"] > 0:
-                stop_reason = "max_minutes"
-                break
-    progress.close()
-    if count:
-        last_record = _log(run, state, interval, count, time.perf_counter() - tick)
-    if val is not None and (val_metrics is None or val_metrics.get("step") != state.step):
-        val_metrics = _validate(run, state, val, collate)
-    checkpoint = run.manager.path(saved_step) if saved_step == state.step else save_mllm_checkpoint(run, state)
-    projector = Path(config.output_dir) / MM_PROJECTOR_FILE
-    if context.is_main:
-        tmp = projector.with_suffix(".tmp")
-        shutil.copyfile(checkpoint / MM_PROJECTOR_FILE, tmp)
-        os.replace(tmp, projector)
-    context.barrier()
-    return MLLMTrainResult(
-        stage=config.stage,
-        step=state.step,
-        max_steps=run.max_steps,
-        epoch=state.epoch,
-        metrics=last_record,
-        val_metrics=val_metrics,
-        checkpoint=checkpoint,
-        mm_projector=projector,
-        output_dir=Path(config.output_dir),
-        stop_reason=stop_reason,
-        skipped_images=state.flush_skipped(context),
-        skipped_too_long=state.skipped_too_long,
-        trainable_parameters=dict(run.trainable_counts),
-        elapsed_s=time.perf_counter() - start,
-        log_history=list(state.log_history),
-        model=run.model,
-        processor=run.processor,
-    )
-
-
-def _validate(run: MLLMRun, state: MLLMTrainerState, val: ConversationDataset, collate: Callable) -> dict:
-    return record_validation(run.metrics, state, run.batches_per_epoch, evaluate(run, val, collate))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
