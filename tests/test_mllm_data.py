@@ -27,11 +27,11 @@ from train.mllm_data import (
     CollateConfig,
     ConversationDataset,
     LabelMaskingError,
-    LengthGroupedBatchSampler,
     SampleTooLong,
     collate_conversations,
     encode_conversation,
 )
+from train.samplers import LengthGroupedBatchSampler
 
 SAMPLE = {
     "id": "s1",

@@ -21,14 +21,14 @@ from cloc_encoder.data.format import read_region_text
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor
 from tests.tiny_training import run_two_ranks
 from train.cloc_config import ConfigError
-from train.cloc_metrics import read_metrics
-from train.cloc_runtime import deepspeed_config
 from train.merge_lora import load_lora_model
 from train.merge_lora import main as merge_main
+from train.metrics import read_metrics
 from train.mllm_build import assemble_model, unwrap
 from train.mllm_config import MLLMTrainConfig, load_mllm_config
 from train.mllm_conversations import conversations_from_records, write_conversations
 from train.mllm_train import main, train_mllm
+from train.runtime import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECTOR = ("model.multi_modal_projector.", "model.region_projector.")
@@ -382,9 +382,9 @@ def test_model_from_cloc_encoder_and_llm_folders_and_from_model_path(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from cloc_encoder.image_processing import CLOCImageProcessor
-    from train.cloc_runtime import DistributedContext
     from train.mllm_build import build_processor, build_tokenizer
     from train.mllm_data import LabelMaskingError
+    from train.runtime import DistributedContext
 
     encoder_dir, llm_dir = tmp_path / "cloc", tmp_path / "llm"
     tiny_cloc.save_pretrained(encoder_dir)

@@ -24,14 +24,13 @@ from train.cloc_build import check_model_overrides, lr_factor
 from train.cloc_config import CLOCTrainConfig, ConfigError, load_config
 from train.cloc_data import (
     MODEL_INPUT_KEYS,
-    EvalBatchSampler,
     RegionTextDataset,
-    ResumableBatchSampler,
     collate_cloc,
 )
-from train.cloc_metrics import read_metrics
 from train.cloc_pretrain import main, train_cloc
-from train.cloc_runtime import deepspeed_config
+from train.metrics import read_metrics
+from train.runtime import deepspeed_config
+from train.samplers import EvalBatchSampler, ResumableBatchSampler
 
 REPO = Path(__file__).resolve().parents[1]
 

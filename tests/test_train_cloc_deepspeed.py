@@ -19,9 +19,9 @@ from cloc_encoder import CLOCModel
 from tests.tiny_training import TINY_CLOC_OVERRIDES as TINY_MODEL
 from tests.tiny_training import run_two_ranks, subprocess_env
 from train.cloc_config import CLOCTrainConfig
-from train.cloc_metrics import read_metrics
 from train.cloc_pretrain import train_cloc
-from train.cloc_runtime import free_port
+from train.metrics import read_metrics
+from train.runtime import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from train.cloc_runtime import free_port
+from train.runtime import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

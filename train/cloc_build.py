@@ -19,7 +19,7 @@ from cloc_encoder.data.format import RegionTextRecord
 from cloc_encoder.factory import build_cloc_model, load_from_clip, preset_config
 from cloc_encoder.tokenization import train_caption_tokenizer
 from train.cloc_config import CLOCTrainConfig, ConfigError
-from train.cloc_runtime import DistributedContext
+from train.runtime import DistributedContext
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Region-text data for CLOC pretraining: a dataset, its collate function and a resumable, rank-sharded sampler.
+"""Region-text data for CLOC pretraining: a dataset and its collate function (samplers: :mod:`train.samplers`).
 
 Per image and step the dataset yields the preprocessed image, its caption and up to ``M`` of its regions (boxes
 mapped into the model frame by the same :class:`~cloc_encoder.image_processing.CLOCImageProcessor` transform as
@@ -19,23 +19,21 @@ equal-sized batches across ranks), and the reason is reported in :attr:`CLOCBatc
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from cloc_encoder.data.format import Region, RegionTextRecord
 from cloc_encoder.image_processing import CLOCImageProcessor
+from train.samplers import SampleKey
 
 logger = logging.getLogger(__name__)
-
-SampleKey = tuple[int, int]
-"""``(epoch, index)``: what the sampler hands the dataset, so sampling is reproducible in any worker."""
 
 MODEL_INPUT_KEYS = (
     "pixel_values",
@@ -197,96 +195,9 @@ def collate_cloc(samples: Sequence[dict[str, Any]]) -> CLOCBatch:
     )
 
 
-class ResumableBatchSampler(Sampler[list[SampleKey]]):
-    """Endless stream of this rank's batches of ``(epoch, index)`` keys, reproducible from ``(seed, epoch, position)``.
-
-    Epoch ``e`` is a permutation of the data set drawn from ``(seed, e)`` (or data set order when not
-    ``shuffle``), cut into global batches of ``batch_size · world_size`` samples (the incomplete tail is dropped so
-    every rank's batch has the same size); rank ``r`` takes the ``r``-th slice of each global batch. Batch
-    ``position`` of epoch ``e`` is therefore the same on every run, and iteration can start anywhere.
-    """
-
-    def __init__(
-        self,
-        num_samples: int,
-        batch_size: int,
-        *,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle: bool = True,
-        start: int = 0,
-    ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.shuffle = shuffle
-        self.start = start
-        self.batches_per_epoch = num_samples // (batch_size * world_size)
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"the data set has {num_samples} samples, fewer than one global batch "
-                f"(batch_size {batch_size} x world_size {world_size})"
-            )
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """The data set indices of ``epoch`` in visiting order."""
-        if not self.shuffle:
-            return np.arange(self.num_samples)
-        return np.random.default_rng([self.seed, epoch, 0xC10C]).permutation(self.num_samples)
-
-    def locate(self, batch_number: int) -> tuple[int, int]:
-        """``(epoch, position)`` of the ``batch_number``-th batch since the start of training."""
-        return divmod(batch_number, self.batches_per_epoch)
-
-    def batch(self, epoch: int, position: int) -> list[SampleKey]:
-        """This rank's keys of batch ``position`` of ``epoch``."""
-        begin = (position * self.world_size + self.rank) * self.batch_size
-        indices = self.epoch_order(epoch)[begin : begin + self.batch_size]
-        return [(epoch, int(i)) for i in indices]
-
-    def __iter__(self) -> Iterator[list[SampleKey]]:
-        number = self.start
-        while True:
-            yield self.batch(*self.locate(number))
-            number += 1
-
-
-class EvalBatchSampler(Sampler[list[SampleKey]]):
-    """One pass over the data set in order, sharded by rank; at most ``max_batches`` batches.
-
-    With several ranks the incomplete tail is dropped (equal batch sizes for the cross-rank gathers); a single
-    process keeps it.
-    """
-
-    def __init__(
-        self, num_samples: int, batch_size: int, *, rank: int = 0, world_size: int = 1, max_batches: int | None = None
-    ) -> None:
-        global_batch = batch_size * world_size
-        full, tail = divmod(num_samples, global_batch)
-        count = full + (1 if tail and world_size == 1 else 0)
-        self.num_batches = count if max_batches is None else min(count, max_batches)
-        self.batch_size, self.rank, self.world_size, self.num_samples = batch_size, rank, world_size, num_samples
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __iter__(self) -> Iterator[list[SampleKey]]:
-        for number in range(self.num_batches):
-            begin = (number * self.world_size + self.rank) * self.batch_size
-            yield [(0, i) for i in range(begin, min(begin + self.batch_size, self.num_samples))]
-
-
 __all__ = [
     "MODEL_INPUT_KEYS",
     "CLOCBatch",
-    "EvalBatchSampler",
     "RegionTextDataset",
-    "ResumableBatchSampler",
-    "SampleKey",
     "collate_cloc",
 ]

@@ -24,15 +24,16 @@ from cloc_encoder.image_processing import CLOCImageProcessor
 from train.checkpoint import read_json
 from train.cloc_build import build_model, build_optimizer, build_scheduler, build_tokenizer, text_length
 from train.cloc_config import CLOCTrainConfig, ConfigError, load_config
-from train.cloc_data import CLOCBatch, RegionTextDataset, ResumableBatchSampler, collate_cloc
+from train.cloc_data import CLOCBatch, RegionTextDataset, collate_cloc
 from train.cloc_run import CLOCRun, load_checkpoint, save_checkpoint
-from train.cloc_runtime import (
+from train.loop import LoopHooks, distributed_session, forward, run_loop, start_run
+from train.runtime import (
     deepspeed_config,
     launch_parser,
     prepare_launch,
     promote_scalar_parameters,
 )
-from train.loop import LoopHooks, distributed_session, forward, run_loop, start_run
+from train.samplers import ResumableBatchSampler
 from train.trainer_state import TrainerState, open_output_dir
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from train.checkpoint import load_model_weights
-from train.cloc_runtime import checkpoint_state_dict
+from train.runtime import checkpoint_state_dict
 from train.trainer_state import Run, TrainerState, load_run_checkpoint, save_run_checkpoint
 
 

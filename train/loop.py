@@ -26,9 +26,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from train.cloc_data import EvalBatchSampler, ResumableBatchSampler
-from train.cloc_metrics import MetricsLogger
-from train.cloc_runtime import DistributedContext, init_distributed
+from train.metrics import MetricsLogger
+from train.runtime import DistributedContext, init_distributed
+from train.samplers import EvalBatchSampler, ResumableBatchSampler
 from train.trainer_state import Run, TrainerState, record_validation
 
 logger = logging.getLogger(__name__)

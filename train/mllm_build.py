@@ -35,9 +35,9 @@ from mllm.modeling_cloc_llava import CLOCLlavaProjector
 from mllm.tiny import TINY_CORPUS, tiny_config
 from mllm.tokenization import IMAGE_TOKEN, REGION_TOKEN, add_mllm_tokens, train_chat_tokenizer
 from train.cloc_config import ConfigError
-from train.cloc_runtime import DistributedContext
 from train.mllm_config import MLLMTrainConfig
 from train.mllm_conversations import ConversationRecord
+from train.runtime import DistributedContext
 
 logger = logging.getLogger(__name__)
 

@@ -27,14 +27,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from train.cloc_data import IMAGE_ERRORS, ResumableBatchSampler, SampleKey
+from train.cloc_data import IMAGE_ERRORS
 from train.mllm_conversations import ConversationRecord
+from train.samplers import SampleKey
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -342,47 +342,6 @@ class ConversationDataset(Dataset):
 # ----- batching ------------------------------------------------------------------------------------------------------
 
 
-class LengthGroupedBatchSampler(ResumableBatchSampler):
-    """:class:`~train.cloc_data.ResumableBatchSampler` whose epochs put samples of similar length together.
-
-    Epoch ``e``: a permutation drawn from ``(seed, e)`` is cut into mega-batches of ``megabatch_batches`` global
-    batches; each mega-batch is sorted by length (longest first); the global batches are then visited in an order
-    drawn from ``(seed, e)`` as well (as transformers' ``LengthGroupedSampler``, with a random instead of
-    longest-first batch order). Everything is a pure function of ``(seed, epoch)``, so resuming at a batch number
-    reproduces the stream, and each rank's slice of a global batch holds similar lengths (little padding).
-    """
-
-    def __init__(
-        self,
-        lengths: Sequence[int],
-        batch_size: int,
-        *,
-        megabatch_batches: int = 50,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(len(lengths), batch_size, **kwargs)
-        self.lengths = np.asarray(lengths, dtype=np.int64)
-        self.megabatch_batches = max(1, megabatch_batches)
-        self._cached: tuple[int, np.ndarray] | None = None
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        if self._cached is not None and self._cached[0] == epoch:
-            return self._cached[1]
-        order = super().epoch_order(epoch)
-        global_batch = self.batch_size * self.world_size
-        usable = order[: self.batches_per_epoch * global_batch]
-        mega = global_batch * self.megabatch_batches
-        grouped = []
-        for start in range(0, len(usable), mega):
-            chunk = usable[start : start + mega]
-            grouped.append(chunk[np.argsort(-self.lengths[chunk], kind="stable")])
-        batches = np.concatenate(grouped).reshape(self.batches_per_epoch, global_batch)
-        visit = np.random.default_rng([self.seed, epoch, 0x1E46]).permutation(self.batches_per_epoch)
-        result = np.concatenate([batches[visit].reshape(-1), order[len(usable) :]])
-        self._cached = (epoch, result)
-        return result
-
-
 @dataclass
 class MLLMBatch:
     """A collated batch: ``inputs`` are exactly the keyword arguments of the model's ``forward`` (with ``labels``)."""
@@ -495,7 +454,6 @@ __all__ = [
     "ConversationDataset",
     "EncodedConversation",
     "LabelMaskingError",
-    "LengthGroupedBatchSampler",
     "MLLMBatch",
     "SampleTooLong",
     "collate_conversations",

@@ -30,8 +30,6 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from train.cloc_build import lr_factor
 from train.cloc_config import ConfigError
-from train.cloc_data import ResumableBatchSampler
-from train.cloc_runtime import deepspeed_config, launch_parser, prepare_launch
 from train.loop import LoopHooks, distributed_session, forward, run_loop, start_run
 from train.mllm_build import (
     MM_PROJECTOR_FILE,
@@ -51,11 +49,12 @@ from train.mllm_conversations import conversation_read_report, read_conversation
 from train.mllm_data import (
     CollateConfig,
     ConversationDataset,
-    LengthGroupedBatchSampler,
     MLLMBatch,
     collate_conversations,
 )
 from train.mllm_run import MLLMRun, MLLMTrainerState, load_mllm_checkpoint, save_mllm_checkpoint
+from train.runtime import deepspeed_config, launch_parser, prepare_launch
+from train.samplers import LengthGroupedBatchSampler, ResumableBatchSampler
 from train.trainer_state import open_output_dir
 
 logger = logging.getLogger(__name__)

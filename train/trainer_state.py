@@ -32,8 +32,8 @@ from train.checkpoint import (
     write_json,
 )
 from train.cloc_config import ConfigError
-from train.cloc_metrics import MetricsLogger
-from train.cloc_runtime import DistributedContext
+from train.metrics import MetricsLogger
+from train.runtime import DistributedContext
 
 logger = logging.getLogger(__name__)
 DEEPSPEED_TAG = "deepspeed"
