@@ -24,14 +24,15 @@ from train.cloc_config import ConfigError
 from train.merge_lora import load_lora_model
 from train.merge_lora import main as merge_main
 from train.metrics import read_metrics
-from train.mllm_build import assemble_model, unwrap
+from train.mllm_build import assemble_model
 from train.mllm_config import MLLMTrainConfig, load_mllm_config
 from train.mllm_conversations import conversations_from_records, write_conversations
+from train.mllm_projector import PROJECTOR_PREFIXES
 from train.mllm_train import main, train_mllm
+from train.mllm_trainable import unwrap
 from train.runtime import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECTOR = ("model.multi_modal_projector.", "model.region_projector.")
 
 
 def _conversations(world: Path, out: Path, **options) -> Path:
@@ -154,9 +155,9 @@ def test_stage1_changes_only_the_projectors_and_writes_them(stage1, data):
     trained = _state(stage1.model)
     assert initial.keys() == trained.keys()
     changed = {k for k in initial if not torch.equal(initial[k], trained[k])}
-    assert changed and all(k.startswith(PROJECTOR) for k in changed)
-    assert any(k.startswith(PROJECTOR[1]) for k in changed)  # the region projector learned too
-    assert {k for k in initial if k.startswith(PROJECTOR)} == set(load_file(str(stage1.mm_projector)))
+    assert changed and all(k.startswith(PROJECTOR_PREFIXES) for k in changed)
+    assert any(k.startswith(PROJECTOR_PREFIXES[1]) for k in changed)  # the region projector learned too
+    assert {k for k in initial if k.startswith(PROJECTOR_PREFIXES)} == set(load_file(str(stage1.mm_projector)))
 
     checkpoint = stage1.checkpoint
     assert checkpoint.name == "step-000003" and not (checkpoint / "model.safetensors").exists()
@@ -184,7 +185,7 @@ def test_stage2_lora_starts_from_the_stage1_projector(stage1, stage2_lora):
     for name, parameter in unwrap(result.model).named_parameters():
         if "lora_" in name or "base_layer" in name:
             continue
-        if name.startswith(PROJECTOR):
+        if name.startswith(PROJECTOR_PREFIXES):
             assert not torch.equal(parameter, base[name]), name
         else:
             assert torch.equal(parameter, base[name]), name
@@ -373,7 +374,7 @@ def test_bf16_keeps_frozen_weights_in_bf16_and_trained_ones_in_fp32(data, tmp_pa
     result = train_mllm(_config(data, tmp_path / "bf16", stage=1, max_steps=2, precision="bf16"))
     assert math.isfinite(result.metrics["loss"])
     for name, parameter in result.model.named_parameters():
-        assert parameter.dtype == (torch.float32 if name.startswith(PROJECTOR) else torch.bfloat16), name
+        assert parameter.dtype == (torch.float32 if name.startswith(PROJECTOR_PREFIXES) else torch.bfloat16), name
 
 
 def test_model_from_cloc_encoder_and_llm_folders_and_from_model_path(

@@ -1,5 +1,5 @@
-"""Build the pieces of an MLLM training run from its config: tokenizer, processor, model, trainable parameters,
-LoRA / QLoRA, the stage-1 projector, optimizer parameter groups.
+"""Build the pieces of an MLLM training run from its config: tokenizer, processor and model (what trains:
+:mod:`train.mllm_trainable`; the stage-1 projector file: :mod:`train.mllm_projector`).
 
 The model comes from one of:
 
@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -37,18 +35,13 @@ from mllm.tokenization import IMAGE_TOKEN, REGION_TOKEN, add_mllm_tokens, train_
 from train.cloc_config import ConfigError
 from train.mllm_config import MLLMTrainConfig
 from train.mllm_conversations import ConversationRecord
+from train.mllm_projector import load_projector
 from train.runtime import DistributedContext
 
 logger = logging.getLogger(__name__)
 
-MM_PROJECTOR_FILE = "mm_projector.safetensors"
-PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "model.region_projector.")
 TOKENIZER_DIR = "tokenizer"
 BASE_MODEL_DIR = "base_model"
-UNUSED_PROMPTER_PARTS = ("text_projection",)
-"""Prompter parts the MLLM never uses (text prompts); kept frozen when the prompter is tuned."""
-UNUSED_VISION_PARTS = ("post_layernorm", "head")
-"""ViT parts whose output the MLLM does not read (the pooled output); kept frozen when the ViT is tuned."""
 
 
 # ----- tokenizer and processor ---------------------------------------------------------------------------------------
@@ -344,227 +337,13 @@ def _zero_stage(path: str) -> int:
     return int(data.get("zero_optimization", {}).get("stage", 0))
 
 
-# ----- the stage-1 projector -----------------------------------------------------------------------------------------
-
-
-def projector_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Both projectors' weights under their names in the full model (``model.multi_modal_projector.*``, ...)."""
-    inner = unwrap(model)
-    state = {}
-    for prefix, module in (
-        ("model.multi_modal_projector.", inner.model.multi_modal_projector),
-        ("model.region_projector.", inner.model.region_projector),
-    ):
-        for name, tensor in module.state_dict().items():
-            state[prefix + name] = tensor
-    return state
-
-
-def save_projector(state: dict[str, torch.Tensor], path: Path, source: dict[str, Any] | None = None) -> None:
-    """Write ``mm_projector.safetensors`` (projector weights only) with the base it was trained against."""
-    metadata = {"format": "cloc-llava-projector"}
-    if source is not None:
-        metadata["model_source"] = json.dumps(source, sort_keys=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    save_file(tensors, str(path), metadata=metadata)
-
-
-def load_projector(
-    model: nn.Module, path: str | os.PathLike[str], expected_source: dict[str, Any] | None = None
-) -> None:
-    """Load stage 1's projector weights (a ``mm_projector.safetensors`` file, or a folder holding one).
-
-    The image projector is required; a missing region projector is a warning (e.g. a projector from plain LLaVA).
-    Shapes must match. A different recorded base (``model_source``) is a warning: the projector was aligned to
-    another LLM or vision tower.
-    """
-    file = Path(path)
-    if file.is_dir():
-        file = file / MM_PROJECTOR_FILE
-    if not file.is_file():
-        raise ConfigError(f"pretrain_mm_projector={path}: no {MM_PROJECTOR_FILE} there")
-    with safe_open(str(file), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    expected = projector_state(model)
-    unknown = sorted(set(state) - set(expected))
-    if unknown:
-        raise ConfigError(f"{file}: keys that are not projector weights of this model: {unknown[:5]}")
-    missing = sorted(set(expected) - set(state))
-    if any(key.startswith(PROJECTOR_PREFIXES[0]) for key in missing):
-        raise ConfigError(f"{file}: the image projector weights are missing: {missing[:5]}")
-    if missing:
-        logger.warning("%s has no region projector weights; the region projector starts fresh", file)
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise ConfigError(
-                f"{file}: {key} has shape {tuple(tensor.shape)} but this model needs {tuple(expected[key].shape)} "
-                "(another LLM or vision tower?)"
-            )
-    recorded = metadata.get("model_source")
-    if (
-        expected_source is not None
-        and recorded is not None
-        and json.loads(recorded) != json.loads(json.dumps(expected_source))
-    ):
-        logger.warning("%s was trained against another base (%s) than this run's (%s)", file, recorded, expected_source)
-    inner = unwrap(model)
-    with torch.no_grad():
-        for key, tensor in state.items():
-            target = inner.get_parameter(key)
-            target.copy_(tensor.to(target.dtype))
-    logger.info("loaded the stage-1 projector from %s", file)
-
-
-# ----- what trains ---------------------------------------------------------------------------------------------------
-
-
-def unwrap(model: nn.Module) -> CLOCLlavaForConditionalGeneration:
-    """The :class:`CLOCLlavaForConditionalGeneration` inside a PEFT / DDP / DeepSpeed wrapper."""
-    while not isinstance(model, CLOCLlavaForConditionalGeneration):
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif hasattr(model, "module"):
-            model = model.module
-        else:
-            raise TypeError(f"no CLOCLlavaForConditionalGeneration inside {type(model).__name__}")
-    return model
-
-
-def lora_target_modules(model: CLOCLlavaForConditionalGeneration, suffixes: str | None = None) -> list[str]:
-    """Full names of the LLM's linear layers (quantised ones included) to put LoRA adapters on; ``suffixes``
-    (comma-separated, e.g. ``"q_proj,v_proj"``) keeps those whose last name part is listed."""
-    wanted = {s.strip() for s in suffixes.split(",") if s.strip()} if suffixes else None
-    names = []
-    for name, module in model.model.language_model.named_modules():
-        if isinstance(module, nn.Linear) and (wanted is None or name.rsplit(".", 1)[-1] in wanted):
-            names.append(f"model.language_model.{name}")
-    if not names:
-        raise ConfigError(f"lora_target_modules={suffixes!r} matches no linear layer of the language model")
-    return names
-
-
-def apply_lora(model: CLOCLlavaForConditionalGeneration, config: MLLMTrainConfig) -> nn.Module:
-    """Wrap ``model`` with LoRA adapters on the LLM (PEFT); QLoRA prepares the quantised model first."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if config.bits is not None:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=config.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    lora_config = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=lora_target_modules(model, config.lora_target_modules),
-        bias="none",
-    )
-    return get_peft_model(model, lora_config)
-
-
-def configure_trainable(module: nn.Module, config: MLLMTrainConfig) -> dict[str, int]:
-    """Set ``requires_grad`` for the stage; returns trainable parameter counts per group.
-
-    Always: both projectors. Stage 2: the LLM (all of it, or only the LoRA adapters when ``module`` is a PEFT
-    model). ``tune_prompter``: the prompter except its text-prompt projection (and its embedding projection when
-    the region projector reads the pooled output). ``tune_vision_tower``: the ViT except its pooled-output head.
-    """
-    model = unwrap(module)
-    lora = module is not model
-    for name, parameter in module.named_parameters():
-        parameter.requires_grad = lora and "lora_" in name and config.stage == 2
-    parts = [model.model.multi_modal_projector, model.model.region_projector]
-    if config.stage == 2 and not lora:
-        parts += [model.model.language_model, model.lm_head]
-    for part in parts:
-        for parameter in part.parameters():
-            parameter.requires_grad = True
-    tower = model.model.vision_tower
-    if config.tune_prompter:
-        unused = set(UNUSED_PROMPTER_PARTS) | ({"projection"} if model.config.region_feature == "pooled" else set())
-        for name, child in tower.prompter.named_children():
-            if name not in unused:
-                child.requires_grad_(True)
-        for parameter in tower.prompter.parameters(recurse=False):
-            parameter.requires_grad = True
-    if config.tune_vision_tower:
-        for name, parameter in tower.vision_model.named_parameters():
-            parameter.requires_grad = not any(f".{part}." in f".{name}" for part in UNUSED_VISION_PARTS)
-    counts = {group: 0 for group in ("projector", "vision", "llm")}
-    for parameter_group, parameter in classify(module):
-        if parameter.requires_grad:
-            counts[parameter_group] += parameter.numel()
-    return counts
-
-
-def classify(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """``(group, parameter)`` for every parameter: ``projector`` (both projectors), ``vision`` (ViT + prompter) or
-    ``llm`` (language model, LM head, LoRA adapters)."""
-    model = unwrap(module)
-    projector = {
-        id(p) for m in (model.model.multi_modal_projector, model.model.region_projector) for p in m.parameters()
-    }
-    vision = {id(p) for p in model.model.vision_tower.parameters()}
-    result = []
-    for parameter in module.parameters():
-        group = "projector" if id(parameter) in projector else "vision" if id(parameter) in vision else "llm"
-        result.append((group, parameter))
-    return result
-
-
-def parameter_groups(module: nn.Module, config: MLLMTrainConfig) -> tuple[list[dict[str, Any]], list[float]]:
-    """Optimizer groups of the trainable parameters and their peak lrs: per part (LLM ``lr``, projectors
-    ``projector_lr``, vision ``vision_tower_lr``) × weight decay (matrices only)."""
-    peaks = {
-        "llm": config.peak_lr(),
-        "projector": config.peak_projector_lr(),
-        "vision": config.vision_tower_lr or config.peak_lr(),
-    }
-    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
-    for group, parameter in classify(module):
-        if parameter.requires_grad:
-            buckets.setdefault((group, parameter.ndim >= 2), []).append(parameter)
-    groups, lrs = [], []
-    for (group, decay), params in sorted(buckets.items(), key=lambda item: (item[0][0], not item[0][1])):
-        groups.append(
-            {"params": params, "lr": peaks[group], "weight_decay": config.weight_decay if decay else 0.0, "name": group}
-        )
-        lrs.append(peaks[group])
-    if not groups:
-        raise ConfigError("nothing to train: no parameter requires a gradient")
-    return groups, lrs
-
-
-def build_optimizer(groups: list[dict[str, Any]], config: MLLMTrainConfig) -> torch.optim.Optimizer:
-    """torch AdamW, or DeepSpeed's CPU Adam (``optimizer=cpu_adam``, for ZeRO optimizer offload on GPUs)."""
-    clean = [{k: v for k, v in group.items() if k != "name"} for group in groups]
-    if config.optimizer == "cpu_adam":
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(clean, lr=clean[0]["lr"], betas=config.betas, eps=config.eps, adamw_mode=True)
-    return torch.optim.AdamW(clean, lr=clean[0]["lr"], betas=config.betas, eps=config.eps)
-
-
 __all__ = [
     "BASE_MODEL_DIR",
-    "MM_PROJECTOR_FILE",
-    "apply_lora",
     "assemble_model",
     "build_model",
-    "build_optimizer",
     "build_processor",
     "build_tokenizer",
-    "classify",
-    "configure_trainable",
-    "load_projector",
-    "lora_target_modules",
     "model_source",
-    "parameter_groups",
-    "projector_state",
     "save_base_model",
-    "save_projector",
-    "unwrap",
     "upcast_trainable",
 ]

@@ -33,7 +33,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from train.checkpoint import TRAINER_STATE, read_json, write_json
-from train.mllm_build import MM_PROJECTOR_FILE, PROJECTOR_PREFIXES, save_projector, unwrap
+from train.mllm_projector import MM_PROJECTOR_FILE, PROJECTOR_PREFIXES, save_projector
+from train.mllm_trainable import unwrap
 from train.runtime import DistributedContext
 from train.trainer_state import Run, TrainerState, load_run_checkpoint, save_run_checkpoint
 

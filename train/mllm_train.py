@@ -31,19 +31,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from train.cloc_build import lr_factor
 from train.cloc_config import ConfigError
 from train.loop import LoopHooks, distributed_session, forward, run_loop, start_run
-from train.mllm_build import (
-    MM_PROJECTOR_FILE,
-    apply_lora,
-    build_model,
-    build_optimizer,
-    build_processor,
-    build_tokenizer,
-    configure_trainable,
-    model_source,
-    parameter_groups,
-    unwrap,
-    upcast_trainable,
-)
+from train.mllm_build import build_model, build_processor, build_tokenizer, model_source, upcast_trainable
 from train.mllm_config import MLLMTrainConfig, load_mllm_config
 from train.mllm_conversations import conversation_read_report, read_conversations
 from train.mllm_data import (
@@ -52,7 +40,9 @@ from train.mllm_data import (
     MLLMBatch,
     collate_conversations,
 )
+from train.mllm_projector import MM_PROJECTOR_FILE
 from train.mllm_run import MLLMRun, MLLMTrainerState, load_mllm_checkpoint, save_mllm_checkpoint
+from train.mllm_trainable import apply_lora, build_optimizer, configure_trainable, parameter_groups, unwrap
 from train.runtime import deepspeed_config, launch_parser, prepare_launch
 from train.samplers import LengthGroupedBatchSampler, ResumableBatchSampler
 from train.trainer_state import open_output_dir

@@ -1,0 +1,94 @@
+"""The stage-1 projector file, ``mm_projector.safetensors``: both projectors' weights (image and region) with the
+base they were aligned to, as LLaVA's ``pretrain_mm_mlp_adapter``; stage 2 starts from it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from train.cloc_config import ConfigError
+from train.mllm_trainable import unwrap
+
+logger = logging.getLogger(__name__)
+MM_PROJECTOR_FILE = "mm_projector.safetensors"
+PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "model.region_projector.")
+
+
+def projector_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Both projectors' weights under their names in the full model (``model.multi_modal_projector.*``, ...)."""
+    inner = unwrap(model)
+    state = {}
+    for prefix, module in (
+        ("model.multi_modal_projector.", inner.model.multi_modal_projector),
+        ("model.region_projector.", inner.model.region_projector),
+    ):
+        for name, tensor in module.state_dict().items():
+            state[prefix + name] = tensor
+    return state
+
+
+def save_projector(state: dict[str, torch.Tensor], path: Path, source: dict[str, Any] | None = None) -> None:
+    """Write ``mm_projector.safetensors`` (projector weights only) with the base it was trained against."""
+    metadata = {"format": "cloc-llava-projector"}
+    if source is not None:
+        metadata["model_source"] = json.dumps(source, sort_keys=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_projector(
+    model: nn.Module, path: str | os.PathLike[str], expected_source: dict[str, Any] | None = None
+) -> None:
+    """Load stage 1's projector weights (a ``mm_projector.safetensors`` file, or a folder holding one).
+
+    The image projector is required; a missing region projector is a warning (e.g. a projector from plain LLaVA).
+    Shapes must match. A different recorded base (``model_source``) is a warning: the projector was aligned to
+    another LLM or vision tower.
+    """
+    file = Path(path)
+    if file.is_dir():
+        file = file / MM_PROJECTOR_FILE
+    if not file.is_file():
+        raise ConfigError(f"pretrain_mm_projector={path}: no {MM_PROJECTOR_FILE} there")
+    with safe_open(str(file), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    expected = projector_state(model)
+    unknown = sorted(set(state) - set(expected))
+    if unknown:
+        raise ConfigError(f"{file}: keys that are not projector weights of this model: {unknown[:5]}")
+    missing = sorted(set(expected) - set(state))
+    if any(key.startswith(PROJECTOR_PREFIXES[0]) for key in missing):
+        raise ConfigError(f"{file}: the image projector weights are missing: {missing[:5]}")
+    if missing:
+        logger.warning("%s has no region projector weights; the region projector starts fresh", file)
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise ConfigError(
+                f"{file}: {key} has shape {tuple(tensor.shape)} but this model needs {tuple(expected[key].shape)} "
+                "(another LLM or vision tower?)"
+            )
+    recorded = metadata.get("model_source")
+    if (
+        expected_source is not None
+        and recorded is not None
+        and json.loads(recorded) != json.loads(json.dumps(expected_source))
+    ):
+        logger.warning("%s was trained against another base (%s) than this run's (%s)", file, recorded, expected_source)
+    inner = unwrap(model)
+    with torch.no_grad():
+        for key, tensor in state.items():
+            target = inner.get_parameter(key)
+            target.copy_(tensor.to(target.dtype))
+    logger.info("loaded the stage-1 projector from %s", file)
+
+
+__all__ = ["MM_PROJECTOR_FILE", "PROJECTOR_PREFIXES", "load_projector", "projector_state", "save_projector"]
