@@ -25,7 +25,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from cloc_encoder.data.format import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +44,6 @@ STEP_PATTERN = re.compile(r"^step-(\d+)$")
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:

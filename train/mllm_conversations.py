@@ -45,7 +45,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -56,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from cloc_encoder.boxes import BoxError, validate_box
-from cloc_encoder.data.format import ReadReport, RecordError, RegionTextRecord, read_region_text
+from cloc_encoder.data.format import ReadReport, RecordError, RegionTextRecord, atomic_write_text, read_region_text
 from mllm.box_codec import BOX_PATTERN, DEFAULT_BOX_CODEC, get_box_codec
 from mllm.tokenization import IMAGE_TOKEN, REGION_TOKEN
 
@@ -294,11 +293,7 @@ def write_conversations(samples: Iterable[dict[str, Any] | ConversationRecord], 
         text = "[\n" + ",\n".join(json.dumps(item, ensure_ascii=False) for item in items) + "\n]\n"
     else:
         text = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
+    atomic_write_text(path, text)
     return len(items)
 
 

@@ -215,6 +215,21 @@ def read_region_text(
     return list(iter_region_text(path, strict=strict, report=report))
 
 
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, fsync and ``os.replace``: readers see
+    the old file or the new one, never a torn one (the temporary file is removed if writing fails)."""
+    path = Path(path)
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, suffix=".tmp", delete=False) as handle:
+        try:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        except BaseException:
+            os.unlink(handle.name)
+            raise
+    os.replace(handle.name, path)
+
+
 def write_region_text(records: Iterable[RegionTextRecord], path: str | os.PathLike[str]) -> int:
     """Write records to ``path`` atomically (temporary file + rename). Returns the number written."""
     path = Path(path)

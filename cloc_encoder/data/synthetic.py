@@ -22,7 +22,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -32,7 +31,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cloc_encoder.data.format import FORMAT_VERSION, Region, RegionTextRecord, read_region_text, write_region_text
+from cloc_encoder.data.format import (
+    FORMAT_VERSION,
+    Region,
+    RegionTextRecord,
+    atomic_write_text,
+    read_region_text,
+    write_region_text,
+)
 from cloc_encoder.data.synthetic_language import (
     ObjectFacts,
     Vocabulary,
@@ -379,10 +385,7 @@ def generate_world(
     (out_dir / "world.json").unlink(missing_ok=True)
     for split, count in sizes.items():
         generate_split(config, split, int(count), out_dir)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=out_dir, suffix=".tmp", delete=False) as handle:
-        json.dump(_manifest(config, sizes), handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(handle.name, out_dir / "world.json")
+    atomic_write_text(out_dir / "world.json", json.dumps(_manifest(config, sizes), indent=2, sort_keys=True) + "\n")
     return paths
 
 

@@ -19,14 +19,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cloc_encoder.data.format import ReadReport, RegionTextRecord, iter_region_text, write_region_text
+from cloc_encoder.data.format import (
+    ReadReport,
+    RegionTextRecord,
+    atomic_write_text,
+    iter_region_text,
+    write_region_text,
+)
 from cloc_encoder.vesl.config import VESLConfig, VESLConfigError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -47,16 +52,6 @@ class VESLInput:
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
 
 
 def list_inputs(config: VESLConfig, report: ReadReport | None = None) -> list[VESLInput]:
