@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Literal
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+
+from cloc_encoder.compat import HAS_SUB_CONFIG_SPECS, build_sub_configs, sub_config_specs
 
 BACKBONES = {
     # vision model_type -> (backbone name, text model_type, has a CLS token, has projection layers)
@@ -68,10 +69,14 @@ class CLOCConfig(PreTrainedConfig):
     """
 
     model_type = "cloc"
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model"),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_text_model"),
+    _sub_config_specs = {
+        "vision_config": (AutoConfig, "clip_vision_model"),
+        "text_config": (AutoConfig, "clip_text_model"),
     }
+    if HAS_SUB_CONFIG_SPECS:
+        sub_configs_defaults = sub_config_specs(_sub_config_specs)
+    else:  # older transformers: built in __post_init__
+        sub_configs = sub_config_specs(_sub_config_specs)
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -99,6 +104,7 @@ class CLOCConfig(PreTrainedConfig):
     initializer_factor: float = 1.0
 
     def __post_init__(self, **kwargs):
+        build_sub_configs(self, self._sub_config_specs)
         super().__post_init__(**kwargs)
         vision_type = self.vision_config.model_type
         if vision_type not in BACKBONES:

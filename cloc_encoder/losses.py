@@ -50,7 +50,8 @@ def gather_padded(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, lis
 
 
 def clip_softmax_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE over the global batch. Inputs are local, L2-normalised ``(N, D)``."""
+    """CLIP's symmetric InfoNCE over the global batch, in fp32. Inputs are local, L2-normalised ``(N, D)``."""
+    image_embeds, text_embeds, logit_scale = image_embeds.float(), text_embeds.float(), logit_scale.float()
     rank, _ = _world()
     all_images = gather_with_grad(image_embeds)
     all_texts = gather_with_grad(text_embeds)
@@ -65,7 +66,9 @@ def clip_softmax_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, log
 def clip_sigmoid_loss(
     image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
 ) -> torch.Tensor:
-    """SigLIP's pairwise sigmoid loss of the local images against every text of the global batch."""
+    """SigLIP's pairwise sigmoid loss of the local images against every text of the global batch, in fp32."""
+    image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
+    logit_scale, logit_bias = logit_scale.float(), logit_bias.float()
     rank, _ = _world()
     all_texts = gather_with_grad(text_embeds)
     count = image_embeds.shape[0]
@@ -85,8 +88,13 @@ def region_text_loss(
 
     Inputs are this rank's L2-normalised ``(R, D)``. A negative whose caption embedding has cosine above
     ``negative_threshold`` with the positive's caption is removed from the denominator (no gradient flows through
-    that similarity). Returns 0 (with a graph) when there are no regions anywhere.
+    that similarity). Computed in fp32. Returns 0 (with a graph) when there are no regions anywhere.
     """
+    region_embeds, region_text_embeds, logit_scale = (
+        region_embeds.float(),
+        region_text_embeds.float(),
+        logit_scale.float(),
+    )
     all_regions, valid, counts = gather_padded(region_embeds)
     all_texts, _, _ = gather_padded(region_text_embeds)
     if not bool(valid.any()):
@@ -113,12 +121,12 @@ def region_text_loss(
 def grounding_loss(
     predicted_boxes: torch.Tensor, target_boxes: torch.Tensor, max_regions: int, batch_size: int
 ) -> torch.Tensor:
-    """L2 on the 4 normalised coordinates, summed and divided by ``4·M·N`` as in the paper.
+    """L2 on the 4 normalised coordinates, summed in fp32 and divided by ``4·M·N`` as in the paper.
 
     ``predicted_boxes``/``target_boxes``: ``(R, 4)`` model-frame ``xyxy``.
     """
     denominator = 4 * max_regions * max(batch_size, 1)
-    return ((predicted_boxes - target_boxes) ** 2).sum() / denominator
+    return ((predicted_boxes.float() - target_boxes.float()) ** 2).sum() / denominator
 
 
 @dataclass

@@ -37,7 +37,7 @@ from cloc_encoder.losses import (
     grounding_loss,
     region_text_loss,
 )
-from cloc_encoder.prompter import BoxHead, RegionPrompter, SinusoidalPointEncoder
+from cloc_encoder.prompter import BoxHead, RegionPrompter
 
 TOWER_CLASSES = {
     "clip_vision_model": CLIPVisionModel,
@@ -131,8 +131,6 @@ class CLOCPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, SinusoidalPointEncoder):
-            init.copy_(module.frequencies, module.compute_frequencies())
         elif isinstance(module, RegionPrompter):
             init.normal_(module.corner_embeddings, mean=0.0, std=std)
         elif isinstance(module, CLOCModel):

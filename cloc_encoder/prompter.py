@@ -7,6 +7,10 @@ region caption's embedding mapped to ViT width) goes through the same layer and 
 
 Coordinates here are in the **model frame**: ``xyxy`` normalised to ``[0, 1]`` over the preprocessed (resized and
 padded) image the ViT sees. The image processor maps boxes from the original frame; nothing here knows about it.
+
+Geometry stays in fp32 whatever the model's dtype: box coordinates, point encodings (whose top frequency turns a
+coordinate step of 1/256, bf16's resolution near 1, into 1.6 rad), patch centres, the box attention bias and the
+attention geometry read by the box head are computed in fp32; only their results are cast to the weights' dtype.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from cloc_encoder.configuration_cloc import CLOCConfig
 
 
 class SinusoidalPointEncoder(nn.Module):
-    """Points ``(..., 2)`` in ``[0, 1]`` → sinusoid features ``(..., 4·F)`` (sin and cos per coordinate).
+    """Points ``(..., 2)`` in ``[0, 1]`` → fp32 sinusoid features ``(..., 4·F)`` (sin and cos per coordinate).
 
-    Frequencies are spaced geometrically from 1 to ``max_frequency`` cycles over the unit interval.
+    Frequencies are spaced geometrically from 1 to ``max_frequency`` cycles over the unit interval. They are not a
+    buffer (``model.to(torch.bfloat16)`` would round 2π·64 to a step of 2 rad) and the angles are computed in fp32
+    whatever the input's dtype; callers cast the features to their weights' dtype.
     """
 
     def __init__(self, num_frequencies: int, max_frequency: float) -> None:
@@ -32,17 +38,16 @@ class SinusoidalPointEncoder(nn.Module):
             raise ValueError(f"num_frequencies must be >= 1, got {num_frequencies}")
         self.num_frequencies = num_frequencies
         self.max_frequency = max_frequency
-        self.register_buffer("frequencies", self.compute_frequencies(), persistent=False)
         self.output_size = 4 * num_frequencies
 
-    def compute_frequencies(self) -> torch.Tensor:
-        """Angular frequencies ``(F,)``: ``2π · max_frequency^(k/(F-1))``."""
+    def compute_frequencies(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """fp32 angular frequencies ``(F,)``: ``2π · max_frequency^(k/(F-1))``."""
         count = self.num_frequencies
-        exponents = torch.linspace(0.0, 1.0, count) if count > 1 else torch.zeros(1)
+        exponents = torch.linspace(0.0, 1.0, count, device=device) if count > 1 else torch.zeros(1, device=device)
         return 2 * math.pi * (self.max_frequency**exponents)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
-        angles = points.unsqueeze(-1) * self.frequencies.to(points.dtype)  # (..., 2, F)
+        angles = points.float().unsqueeze(-1) * self.compute_frequencies(points.device)  # (..., 2, F) fp32
         features = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (..., 2, 2F)
         return features.flatten(-2)
 
@@ -93,10 +98,11 @@ class PrompterLayer(nn.Module):
             return None
         side = math.isqrt(num_tokens)
         weight = self.key_position_projection.weight
-        centres = (torch.arange(side, device=weight.device, dtype=weight.dtype) + 0.5) / side
+        centres = (torch.arange(side, device=weight.device, dtype=torch.float32) + 0.5) / side
         ys, xs = torch.meshgrid(centres, centres, indexing="ij")
         points = torch.stack([xs.flatten(), ys.flatten()], dim=-1)
-        positions = self.norm1(self.key_position_projection(self.key_position_encoder(points)))
+        encoded = self.key_position_encoder(points).to(weight.dtype)
+        positions = self.norm1(self.key_position_projection(encoded))
         return F.pad(positions, (0, 0, num_tokens - side * side, 0))
 
     def forward(
@@ -127,13 +133,13 @@ class PrompterLayer(nn.Module):
     def prompt_image_attention(
         self, prompts: torch.Tensor, image_keys: torch.Tensor, image_index: torch.Tensor
     ) -> torch.Tensor:
-        """Attention of each prompt over its image's tokens ``(R, T, P)``, renormalised over the image tokens.
+        """fp32 attention of each prompt over its image's tokens ``(R, T, P)``, renormalised over the image tokens.
 
         The same logits as the layer computes (both pooling modes share the image keys), so this is exactly how
         the layer distributes a prompt's image attention. Used to read where a text prompt looks.
         """
         query = self.q_proj(self.norm1(prompts)) * self.scale
-        return (query @ image_keys[image_index].transpose(1, 2)).softmax(dim=-1)
+        return (query @ image_keys[image_index].transpose(1, 2)).float().softmax(dim=-1)
 
     def forward_prompts(
         self,
@@ -191,16 +197,16 @@ def _slot_within_image(image_index: torch.Tensor, num_images: int) -> torch.Tens
     return (one_hot.cumsum(dim=0) - 1).gather(1, image_index[:, None]).squeeze(1)
 
 
-def patch_centres(num_tokens: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
-    """Model-frame centres ``(G, 2)`` (x, y; row-major like the ViT) of a square patch grid of ``num_tokens`` image
-    tokens, and whether a CLS token precedes the grid (``num_tokens = 1 + G``)."""
+def patch_centres(num_tokens: int, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """fp32 model-frame centres ``(G, 2)`` (x, y; row-major like the ViT) of a square patch grid of ``num_tokens``
+    image tokens, and whether a CLS token precedes the grid (``num_tokens = 1 + G``)."""
     side = math.isqrt(num_tokens)
     has_cls = side * side != num_tokens
     if has_cls:
         side = math.isqrt(num_tokens - 1)
         if side * side != num_tokens - 1:
             raise ValueError(f"{num_tokens} image tokens are neither a square patch grid nor CLS + one")
-    centres = (torch.arange(side, device=device, dtype=dtype) + 0.5) / side
+    centres = (torch.arange(side, device=device, dtype=torch.float32) + 0.5) / side
     ys, xs = torch.meshgrid(centres, centres, indexing="ij")
     return torch.stack([xs.flatten(), ys.flatten()], dim=-1), has_cls
 
@@ -230,9 +236,11 @@ class RegionPrompter(nn.Module):
         self.projection = nn.Linear(width, config.projection_dim, bias=False)
 
     def box_prompts(self, boxes: torch.Tensor) -> torch.Tensor:
-        """``(R, 4)`` model-frame ``xyxy`` boxes → ``(R, 2, W)`` corner tokens."""
-        corners = boxes.view(-1, 2, 2)  # (R, corner, xy)
-        return self.corner_projection(self.point_encoder(corners)) + self.corner_embeddings
+        """``(R, 4)`` model-frame ``xyxy`` boxes (any float dtype; fp32 keeps their precision) → ``(R, 2, W)`` corner
+        tokens in the weights' dtype."""
+        corners = boxes.reshape(-1, 2, 2)  # (R, corner, xy)
+        encoded = self.point_encoder(corners).to(self.corner_projection.weight.dtype)
+        return self.corner_projection(encoded) + self.corner_embeddings
 
     def text_prompts(self, text_vectors: torch.Tensor) -> torch.Tensor:
         """``(R, D_text)`` text vectors → ``(R, 1, W)`` prompt tokens."""
@@ -245,7 +253,7 @@ class RegionPrompter(nn.Module):
         image_index: torch.Tensor,
         image_key_values: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text prompts → pooled outputs ``(R, W)`` and the geometry of their image attention ``(R, 4)``.
+        """Text prompts → pooled outputs ``(R, W)`` and the fp32 geometry of their image attention ``(R, 4)``.
 
         The geometry is ``4·(mean − 0.5)`` and ``4·spread`` of the patch centres (model frame, x then y) under the
         prompt's attention over the patch tokens (CLS excluded): where the text looks and how widely.
@@ -254,7 +262,7 @@ class RegionPrompter(nn.Module):
         keys, values = image_key_values or self.layer.image_key_values(image_tokens)
         pooled = self.pooled(prompts, image_tokens, image_index, (keys, values))
         weights = self.layer.prompt_image_attention(prompts, keys, image_index)[:, 0]  # (R, P)
-        centres, has_cls = patch_centres(image_tokens.shape[1], weights.device, weights.dtype)
+        centres, has_cls = patch_centres(image_tokens.shape[1], weights.device)
         if has_cls:
             weights = weights[:, 1:] / weights[:, 1:].sum(dim=-1, keepdim=True).clamp_min(1e-12)
         mean = weights @ centres  # (R, 2)
@@ -263,15 +271,16 @@ class RegionPrompter(nn.Module):
         return pooled, geometry
 
     def box_attention_bias(self, boxes: torch.Tensor, num_tokens: int) -> torch.Tensor | None:
-        """``(R, P)``: ``prompter_box_attention_bias`` for image tokens whose patch centre lies inside the box, 0
-        elsewhere (and for a CLS token); ``None`` when the bias is 0. Boxes are model-frame ``xyxy`` ``(R, 4)``."""
+        """fp32 ``(R, P)``: ``prompter_box_attention_bias`` for image tokens whose patch centre lies inside the box, 0
+        elsewhere (and for a CLS token); ``None`` when the bias is 0. Boxes are model-frame ``xyxy`` ``(R, 4)``,
+        compared with the patch centres in fp32 (a rounded thin box would flip which centres it holds)."""
         if not self.box_attention_bias_value:
             return None
-        points, has_cls = patch_centres(num_tokens, boxes.device, boxes.dtype)
+        points, has_cls = patch_centres(num_tokens, boxes.device)
         x, y = points[:, 0], points[:, 1]
-        x1, y1, x2, y2 = (boxes[:, i : i + 1] for i in range(4))
+        x1, y1, x2, y2 = (boxes[:, i : i + 1].float() for i in range(4))
         inside = (x >= x1) & (x <= x2) & (y >= y1) & (y <= y2)
-        bias = inside.to(boxes.dtype) * self.box_attention_bias_value
+        bias = inside.float() * self.box_attention_bias_value
         return F.pad(bias, (1, 0)) if has_cls else bias
 
     def box_features(
@@ -281,8 +290,8 @@ class RegionPrompter(nn.Module):
         image_index: torch.Tensor,
         image_key_values: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Model-frame boxes ``(R, 4)`` → pooled outputs ``(R, W)`` and region embeddings ``(R, D)``."""
-        boxes = boxes.to(image_tokens.dtype)
+        """Model-frame boxes ``(R, 4)`` → pooled outputs ``(R, W)`` and region embeddings ``(R, D)`` in the image
+        tokens' dtype. Pass boxes in fp32: they are used at the precision they come in (never rounded here)."""
         prompts = self.box_prompts(boxes)
         bias = self.box_attention_bias(boxes, image_tokens.shape[1])
         pooled = self.pooled(prompts, image_tokens, image_index, image_key_values, image_bias=bias)
@@ -315,9 +324,10 @@ class RegionPrompter(nn.Module):
 
 
 class BoxHead(nn.Module):
-    """2-layer GELU MLP: ``(R, in)`` → ``(R, 4)`` model-frame ``xyxy`` in ``[0, 1]``.
+    """2-layer GELU MLP: ``(R, in)`` → fp32 ``(R, 4)`` model-frame ``xyxy`` in ``[0, 1]``.
 
-    It predicts centre and size through a sigmoid, so every output is a valid box.
+    It predicts centre and size through a sigmoid, so every output is a valid box. The inputs are cast to the
+    weights' dtype; the sigmoid and the corner arithmetic run in fp32.
     """
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
@@ -325,6 +335,7 @@ class BoxHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(input_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, 4))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        center_size = self.mlp(features).sigmoid()
+        weight = self.mlp[0].weight
+        center_size = self.mlp(features.to(weight.dtype)).float().sigmoid()
         center, size = center_size[:, :2], center_size[:, 2:]
         return torch.cat([center - size / 2, center + size / 2], dim=-1).clamp(0.0, 1.0)

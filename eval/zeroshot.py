@@ -249,7 +249,7 @@ def evaluate_region_zeroshot(
                 labels += [class_of[r.category] for r in regions]
         if boxes:
             index = torch.tensor(image_index, device=parameter.device)
-            batch = model.region_embeddings(state, torch.cat(boxes).to(parameter.device, parameter.dtype), index)
+            batch = model.region_embeddings(state, torch.cat(boxes).to(parameter.device), index)  # boxes stay fp32
             embeds.append(F.normalize(batch.float(), dim=-1).cpu())
     regions = torch.cat(embeds) if embeds else torch.zeros(0, classes.shape[1])
     result = region_classification(regions, classes, torch.tensor(labels, dtype=torch.long), list(class_names))

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Literal
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
 
 from cloc_encoder import CLOCConfig
+from cloc_encoder.compat import HAS_SUB_CONFIG_SPECS, build_sub_configs, sub_config_specs
 from mllm.box_codec import BOX_CODECS, DEFAULT_BOX_CODEC
 
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
@@ -38,10 +38,11 @@ class CLOCLlavaConfig(PreTrainedConfig):
 
     model_type = "cloc_llava"
     attribute_map = {"image_token_index": "image_token_id"}
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=CLOCConfig),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-    }
+    _sub_config_specs = {"vision_config": (CLOCConfig, None), "text_config": (AutoConfig, "llama")}
+    if HAS_SUB_CONFIG_SPECS:
+        sub_configs_defaults = sub_config_specs(_sub_config_specs)
+    else:  # older transformers: built in __post_init__
+        sub_configs = sub_config_specs(_sub_config_specs)
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -58,6 +59,7 @@ class CLOCLlavaConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        build_sub_configs(self, self._sub_config_specs)
         super().__post_init__(**kwargs)
         for name, allowed in (
             ("projector_type", PROJECTOR_TYPES),

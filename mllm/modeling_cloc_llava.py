@@ -21,11 +21,11 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from cloc_encoder import CLOCImageState
+from cloc_encoder.compat import CACHE_FIELD, slice_logits_to_keep
 from mllm.configuration_cloc_llava import CLOCLlavaConfig
 from mllm.regions import RegionBoxes, expand_regions, flatten_region_boxes
 from mllm.vision_tower import CLOCVisionTower
@@ -225,14 +225,14 @@ class CLOCLlavaModel(CLOCLlavaPreTrainedModel):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **{CACHE_FIELD: cache},  # `past_key_values` before transformers 5.2x
             **kwargs,
         )
         return CLOCLlavaModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            cache=outputs.cache,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_features=image_features,
@@ -333,7 +333,7 @@ class CLOCLlavaForConditionalGeneration(CLOCLlavaPreTrainedModel, GenerationMixi
         return CLOCLlavaCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            cache=outputs.cache,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_features=outputs.image_features,

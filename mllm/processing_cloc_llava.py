@@ -142,7 +142,8 @@ class CLOCLlavaProcessor(ProcessorMixin):
 
         Returns:
             ``input_ids``, ``attention_mask``, ``pixel_values`` ``(I, 3, S, S)`` and, when the texts have regions,
-            ``region_boxes`` ``(R, 4)`` model-frame and ``region_image_index`` ``(R,)``.
+            ``region_boxes`` ``(R, 4)`` fp32 model-frame and ``region_image_index`` ``(R,)``; ``.to(device, dtype)``
+            casts ``pixel_values`` but keeps ``region_boxes`` in fp32.
         """
         if return_tensors != "pt":
             raise ValueError(
@@ -193,7 +194,7 @@ class CLOCLlavaProcessor(ProcessorMixin):
         if region_index:
             data["region_boxes"] = torch.cat(region_boxes).float()
             data["region_image_index"] = torch.tensor(region_index, dtype=torch.long)
-        return BatchFeature(data=data)
+        return CLOCLlavaBatchFeature(data=data)
 
     def _region_boxes(self, sample: int, text: str, given: Sequence[Sequence[float]] | None) -> list[list[float]]:
         """Original-frame boxes of the ``<region>`` tokens of one text, in order."""
@@ -246,6 +247,19 @@ class CLOCLlavaProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values", "region_boxes", "region_image_index"]
 
 
+class CLOCLlavaBatchFeature(BatchFeature):
+    """The processor's output: a :class:`~transformers.BatchFeature` whose ``.to(dtype)`` leaves ``region_boxes``
+    in fp32 (``inputs.to(device, torch.bfloat16)`` would round coordinates to steps of 1/256; the prompter
+    computes its geometry in fp32 and casts only the result)."""
+
+    def to(self, *args: Any, **kwargs: Any) -> CLOCLlavaBatchFeature:
+        boxes = self.get("region_boxes")
+        moved = super().to(*args, **kwargs)
+        if boxes is not None:
+            moved["region_boxes"] = boxes.to(device=moved["region_boxes"].device, dtype=torch.float32)
+        return moved
+
+
 def _flatten_images(images: Any) -> list[Image.Image]:
     if images is None:
         return []
@@ -257,4 +271,4 @@ def _flatten_images(images: Any) -> list[Image.Image]:
     return flat
 
 
-__all__ = ["CLOCLlavaProcessor"]
+__all__ = ["CLOCLlavaBatchFeature", "CLOCLlavaProcessor"]

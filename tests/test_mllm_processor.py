@@ -62,6 +62,17 @@ def test_boxes_go_to_the_model_frame_and_text_stays_in_the_original_frame(proces
     assert given["region_image_index"].tolist() == [0, 1, 1]
 
 
+def test_casting_inputs_to_bf16_keeps_boxes_in_fp32(processor):
+    """``inputs.to(device, torch.bfloat16)`` (the usual transformers idiom) casts pixels, never coordinates."""
+    box = [0.1254, 0.3001, 0.1262, 0.9003]  # a thin box that bf16 would round across a patch centre
+    inputs = processor(images=[Image.new("RGB", (64, 64))], text=["<image>\n<region>?"], boxes=[[box]])
+    boxes = inputs["region_boxes"].clone()
+    cast = inputs.to("cpu", torch.bfloat16)
+    assert cast["pixel_values"].dtype == torch.bfloat16
+    assert cast["region_boxes"].dtype == torch.float32 and torch.equal(cast["region_boxes"], boxes)
+    assert cast["input_ids"].dtype == torch.long
+
+
 def test_region_errors_are_actionable(processor):
     image = Image.new("RGB", (32, 32))
     with pytest.raises(ValueError, match=r"text 0: <region> #0 is not preceded by a box like '\[100, 200, 300, 400\]'"):
