@@ -7,6 +7,15 @@ a checkpoint and returns with ``stop_reason="SIGTERM"``; run again with ``--resu
 A step's *terms* are the numbers a micro-batch reports (losses, token counts, ...). Terms named in
 ``LoopHooks.mean_terms`` are averaged over the step's micro-batches; the others are summed. Between two log lines
 the loop sums every term over the steps; ``lr`` and ``grad_norm`` keep their latest value.
+
+With ``LoopHooks.num_items`` the loss is averaged per *item* (the MLLM's supervised tokens) over the whole optimizer
+step, as transformers' Trainer does with ``num_items_in_batch``: the loop loads the step's micro-batches first,
+counts their items and sums the count over ranks (``N``); each micro-batch's loss is the sum of its item losses
+divided by ``N``, so the step's gradient is that of the mean over all its items however they fall into micro-batches
+and ranks. DDP and DeepSpeed average gradients over ranks, so the loss is multiplied by the world size before the
+backward pass, and DeepSpeed's own ``1 / gradient_accumulation_steps`` is turned off (``scale_wrt_gas=False``).
+Every term is then summed over micro-batches (the loss term summed over micro-batches and ranks is the step's mean
+per item).
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,22 +50,28 @@ class LoopHooks:
 
     Attributes:
         terms: ``batch -> (loss, terms)``: runs the model on one micro-batch (through :func:`forward`); ``loss``
-            is what is back-propagated, ``terms`` plain floats.
-        mean_terms: names of the terms averaged over micro-batches (and over validation batches).
+            is what is back-propagated, ``terms`` plain floats. With ``num_items`` it is called as
+            ``terms(batch, num_items_in_batch=n)`` and ``loss`` must be the sum of the batch's item losses (reduced
+            in fp32) divided by ``n``.
+        mean_terms: names of the terms averaged over micro-batches (and over validation batches; weighted by items
+            with ``num_items``).
         log_fields: ``(interval_sums, steps, seconds) -> fields`` of a log line (collective: may reduce).
         save: ``state -> checkpoint folder`` (collective).
         collate: the collate function of the training and validation loaders.
         after_optimizer_step: runs after each optimizer step taken by the loop (not under DeepSpeed).
         desc: the progress bar's label.
+        num_items: ``batch -> items``: the loss items of a micro-batch (supervised tokens); set, the loss is a mean
+            per item over the optimizer step (see the module docstring). ``None``: a mean per micro-batch.
     """
 
-    terms: Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
+    terms: Callable[..., tuple[torch.Tensor, dict[str, float]]]
     mean_terms: Sequence[str]
     log_fields: Callable[[dict[str, float], int, float], dict[str, Any]]
     save: Callable[[TrainerState], Path]
     collate: Callable[[Sequence[Any]], Any]
     after_optimizer_step: Callable[[], None] | None = None
     desc: str = "train"
+    num_items: Callable[[Any], int] | None = None
 
 
 @dataclass
@@ -115,25 +130,54 @@ def forward(run: Run, batch: Any, **kwargs: Any) -> Any:
         return run.module(**inputs, **kwargs)
 
 
+def step_items(run: Run, micro_batches: Sequence[Any], count: Callable[[Any], int]) -> float:
+    """The loss items of a whole optimizer step: ``count`` summed over its micro-batches and over ranks (collective;
+    at least 1, so a step without items back-propagates zeros)."""
+    local = sum(count(batch) for batch in micro_batches)
+    return max(1.0, run.context.reduce({"items": float(local)}, op="sum")["items"])
+
+
+def _backward(run: Run, loss: torch.Tensor, hooks: LoopHooks) -> None:
+    """Back-propagate one micro-batch's ``loss`` (and let DeepSpeed step, which it only does at the boundary).
+
+    Per-item losses are already divided by the step's items over all ranks; DDP and DeepSpeed average gradients over
+    ranks, hence the factor ``world_size``. Per-batch means are divided by the accumulation steps (by DeepSpeed
+    itself under DeepSpeed)."""
+    if hooks.num_items is not None:
+        scaled = loss * run.context.world_size
+        if run.engine is not None:
+            run.engine.backward(scaled, scale_wrt_gas=False)
+        else:
+            scaled.backward()
+    elif run.engine is not None:
+        run.engine.backward(loss)
+    else:
+        (loss / run.config.gradient_accumulation_steps).backward()
+    if run.engine is not None:
+        run.engine.step()
+
+
 def train_step(run: Run, batches: Iterator[Any], state: TrainerState, hooks: LoopHooks) -> dict[str, float]:
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the step's terms."""
     accumulation = run.config.gradient_accumulation_steps
     sums: dict[str, float] = {}
     lr = run.engine.get_lr()[0] if run.engine is not None else run.optimizer.param_groups[0]["lr"]
+    per_item = hooks.num_items is not None
+    micro_batches, options = batches, {}
+    if hooks.num_items is not None:  # the step's items are counted before its first backward pass
+        loaded = [next(batches) for _ in range(accumulation)]
+        micro_batches, options = iter(loaded), {"num_items_in_batch": step_items(run, loaded, hooks.num_items)}
     for micro in range(accumulation):
-        batch = next(batches)
+        batch = next(micro_batches)
         state.note_batch(batch)
         last = micro == accumulation - 1
         sync = contextlib.nullcontext() if last or run.ddp is None else run.ddp.no_sync()
         with sync:
-            loss, terms = hooks.terms(batch)
-            if run.engine is not None:
-                run.engine.backward(loss)
-                run.engine.step()
-            else:
-                (loss / accumulation).backward()
+            loss, terms = hooks.terms(batch, **options)
+            _backward(run, loss, hooks)
         for key, value in terms.items():
-            sums[key] = sums.get(key, 0.0) + (value / accumulation if key in hooks.mean_terms else value)
+            mean = key in hooks.mean_terms and not per_item
+            sums[key] = sums.get(key, 0.0) + (value / accumulation if mean else value)
     if run.engine is not None:
         grad_norm = run.engine.get_global_grad_norm()
     else:
@@ -157,7 +201,7 @@ def train_step(run: Run, batches: Iterator[Any], state: TrainerState, hooks: Loo
 @torch.no_grad()
 def evaluate(run: Run, dataset: Any, hooks: LoopHooks) -> dict[str, float]:
     """``val_<term>``: each mean term averaged over the validation set (at most ``val_max_batches`` batches per
-    rank) and over ranks; empty when the set is smaller than one global batch."""
+    rank) and over ranks — per item with ``hooks.num_items``; empty when the set is smaller than one global batch."""
     context, config = run.context, run.config
     sampler = EvalBatchSampler(
         len(dataset), config.batch_size, rank=context.rank, world_size=context.world_size,
@@ -168,6 +212,10 @@ def evaluate(run: Run, dataset: Any, hooks: LoopHooks) -> dict[str, float]:
         return {}
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=hooks.collate, num_workers=config.num_workers)
     run.module.eval()
+    if hooks.num_items is not None:
+        means = _per_item_means(run, loader, hooks, hooks.num_items)
+        run.module.train()
+        return {f"val_{key}": value for key, value in means.items()}
     sums = dict.fromkeys(hooks.mean_terms, 0.0)
     for batch in loader:
         _, terms = hooks.terms(batch)
@@ -175,6 +223,22 @@ def evaluate(run: Run, dataset: Any, hooks: LoopHooks) -> dict[str, float]:
             sums[key] += terms[key] / len(sampler)
     run.module.train()
     return {f"val_{key}": value for key, value in context.reduce(sums).items()}
+
+
+def _per_item_means(
+    run: Run, loader: Iterable[Any], hooks: LoopHooks, num_items: Callable[[Any], int]
+) -> dict[str, float]:
+    """Each mean term averaged per item (``num_items``) over ``loader`` and over ranks (collective)."""
+    sums = {f"term:{key}": 0.0 for key in hooks.mean_terms}
+    items = 0
+    for batch in loader:
+        count = num_items(batch)
+        _, terms = hooks.terms(batch, num_items_in_batch=max(count, 1))
+        for key in hooks.mean_terms:
+            sums[f"term:{key}"] += terms[key] * count
+        items += count
+    totals = run.context.reduce({**sums, "items": float(items)}, op="sum")
+    return {key: totals[f"term:{key}"] / max(totals["items"], 1.0) for key in hooks.mean_terms}
 
 
 def start_run(

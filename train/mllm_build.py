@@ -8,6 +8,12 @@ The model comes from one of:
   initialising the loaded parts twice (the composite is built on the ``meta`` device and the loaded modules put in
   place); a part not given is the tiny one of :mod:`mllm.tiny`, and every new weight (projectors, tiny parts) comes
   from ``init_seed``, so stage 2 rebuilds exactly the frozen base stage 1 trained its projector against.
+
+Under a ZeRO-3 DeepSpeed config (``ds_config``) every part is built partitioned (:mod:`train.mllm_zero3`): loaded
+parts through transformers' DeepSpeed integration, new modules under ``zero.Init``, the stage-1 projector copied in
+through gathered parameters; no rank holds the full model. Tiny parts are then initialised by transformers' ZeRO-3
+initialisation (rank 0, module by module): the same ``init_seed`` gives other values than without ZeRO-3, which
+``model_source`` records (``"seeded_init": "zero3"``), so a stage-1 projector from the other regime is flagged.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from cloc_encoder.image_processing import CLOCImageProcessor
 from mllm import CLOCLlavaConfig, CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor, CLOCVisionTower
@@ -36,6 +42,7 @@ from train.cloc_config import ConfigError
 from train.mllm_config import MLLMTrainConfig
 from train.mllm_conversations import ConversationRecord
 from train.mllm_projector import load_projector
+from train.mllm_zero3 import gathered_state_dict, is_zero3, partition_remaining, sharded_build, zero_init
 from train.runtime import DistributedContext
 
 logger = logging.getLogger(__name__)
@@ -153,9 +160,15 @@ def build_processor(
 # ----- the model -----------------------------------------------------------------------------------------------------
 
 
-def model_source(config: MLLMTrainConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    """What determines the frozen base of a run (recorded next to the projector; compared when stage 2 loads it)."""
-    return {
+def has_seeded_parts(config: MLLMTrainConfig) -> bool:
+    """Whether the base has parts initialised from ``init_seed`` (a tiny vision tower or LLM) rather than loaded."""
+    return not config.model_path and not (config.vision_tower and config.language_model)
+
+
+def model_source(config: MLLMTrainConfig, tokenizer: PreTrainedTokenizerBase, zero3: bool = False) -> dict[str, Any]:
+    """What determines the frozen base of a run (recorded next to the projector; compared when stage 2 loads it).
+    ``zero3``: the base is built under ZeRO-3, whose initialisation of seeded parts differs (see the module doc)."""
+    source: dict[str, Any] = {
         "model_path": config.model_path,
         "vision_tower": config.vision_tower,
         "language_model": config.language_model,
@@ -163,6 +176,20 @@ def model_source(config: MLLMTrainConfig, tokenizer: PreTrainedTokenizerBase) ->
         "init_seed": config.init_seed,
         "vocab_size": len(tokenizer),
     }
+    if zero3 and has_seeded_parts(config):
+        source["seeded_init"] = "zero3"
+    return source
+
+
+def planned_text_config(config: MLLMTrainConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """The language model's config as :func:`assemble_model` will build it, read without building anything (to
+    size DeepSpeed buckets before the model exists)."""
+    if config.model_path:
+        return CLOCLlavaConfig.from_pretrained(config.model_path).text_config
+    if config.language_model:
+        return AutoConfig.from_pretrained(config.language_model).get_text_config()
+    overrides = copy.deepcopy(config.model_overrides)
+    return tiny_config(tokenizer, text_config=overrides.get("text_config") or {}).text_config
 
 
 def load_dtype(config: MLLMTrainConfig, precision: str) -> torch.dtype:
@@ -179,35 +206,55 @@ def upcast_trainable(module: nn.Module) -> None:
             parameter.data = parameter.data.float()
 
 
-def _new_projectors(model: CLOCLlavaForConditionalGeneration, seed: int, dtype: torch.dtype) -> None:
+def _new_projectors(
+    model: CLOCLlavaForConditionalGeneration, seed: int, dtype: torch.dtype, ds_config: dict[str, Any] | None
+) -> None:
+    """Fresh image and region projectors from ``seed`` (torch's default init), partitioned under ZeRO-3 (where
+    ``zero.Init`` gives them the config's dtype; fp32 values equal the non-ZeRO ones)."""
     config = model.config
     hidden, bias = config.text_config.hidden_size, config.multimodal_projector_bias
     torch.manual_seed(seed)
-    model.model.multi_modal_projector = CLOCLlavaProjector(
-        config.vision_config.vision_width, hidden, config.projector_type, bias
-    ).to(dtype)
-    model.model.region_projector = CLOCLlavaProjector(
-        config.region_feature_size, hidden, config.region_projector_type, bias
-    ).to(dtype)
+    with zero_init(ds_config):
+        image = CLOCLlavaProjector(config.vision_config.vision_width, hidden, config.projector_type, bias)
+        region = CLOCLlavaProjector(config.region_feature_size, hidden, config.region_projector_type, bias)
+    if not is_zero3(ds_config):
+        image, region = image.to(dtype), region.to(dtype)
+    model.model.multi_modal_projector, model.model.region_projector = image, region
+
+
+def _seeded(module: nn.Module, dtype: torch.dtype, sharded: bool) -> nn.Module:
+    """A module just built from a config in ``dtype`` (under ZeRO-3 ``zero.Init`` has set the dtype already)."""
+    return module if sharded else module.to(dtype)
 
 
 def assemble_model(
-    config: MLLMTrainConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32
+    config: MLLMTrainConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: torch.dtype = torch.float32,
+    ds_config: dict[str, Any] | None = None,
 ) -> CLOCLlavaForConditionalGeneration:
-    """The initial model (before the stage-1 projector and before LoRA), see the module docstring."""
+    """The initial model (before the stage-1 projector and before LoRA), see the module docstring.
+
+    ``ds_config``: the filled DeepSpeed config of the run; under ZeRO-3 the model comes back partitioned (every
+    parameter a ZeRO-3 parameter holding this rank's slice) and ``dtype`` must be the config's (bf16 or fp32).
+    """
     attn = config.attn_implementation
     overrides = copy.deepcopy(config.model_overrides)
+    sharded = is_zero3(ds_config)
     if config.model_path:
-        model = CLOCLlavaForConditionalGeneration.from_pretrained(
-            config.model_path, dtype=dtype, attn_implementation=attn
-        )
+        with sharded_build(ds_config):
+            model = CLOCLlavaForConditionalGeneration.from_pretrained(
+                config.model_path, dtype=dtype, attn_implementation=attn
+            )
         for key in overrides:
             logger.warning("model_overrides.%s is ignored: the model comes from model_path", key)
     else:
-        tower = CLOCVisionTower.from_cloc(config.vision_tower, dtype=dtype) if config.vision_tower else None
-        llm = None
-        if config.language_model:
-            llm = AutoModelForCausalLM.from_pretrained(config.language_model, dtype=dtype, attn_implementation=attn)
+        tower, llm = None, None
+        with sharded_build(ds_config):
+            if config.vision_tower:
+                tower = CLOCVisionTower.from_cloc(config.vision_tower, dtype=dtype)
+            if config.language_model:
+                llm = AutoModelForCausalLM.from_pretrained(config.language_model, dtype=dtype, attn_implementation=attn)
         vision_overrides = overrides.pop("vision_config", None)
         text_overrides = overrides.pop("text_config", None)
         if (tower and vision_overrides) or (llm and text_overrides):
@@ -224,25 +271,31 @@ def assemble_model(
         )
         if llm is None:
             torch.manual_seed(config.init_seed)
-            model = CLOCLlavaForConditionalGeneration._from_config(model_config, attn_implementation=attn).to(dtype)
+            with sharded_build(ds_config):
+                model = CLOCLlavaForConditionalGeneration._from_config(model_config, attn_implementation=attn)
+            model = _seeded(model, dtype, sharded)
             if tower is not None:
                 model.model.vision_tower = tower
         else:
-            with torch.device("meta"):
+            with torch.device("meta"):  # a shell (outside the DeepSpeed integration: zero.Init cannot build on meta)
                 model = CLOCLlavaForConditionalGeneration._from_config(model_config, attn_implementation=attn)
             model.model.language_model = getattr(llm, llm.base_model_prefix)
             model.lm_head = llm.get_output_embeddings()
             if tower is None:
                 torch.manual_seed(config.init_seed)
-                tower = CLOCVisionTower._from_config(model_config.vision_config, attn_implementation=attn).to(dtype)
+                with sharded_build(ds_config):
+                    tower = CLOCVisionTower._from_config(model_config.vision_config, attn_implementation=attn)
+                tower = _seeded(tower, dtype, sharded)
             model.model.vision_tower = tower
-            _new_projectors(model, config.init_seed, dtype)
+            _new_projectors(model, config.init_seed, dtype, ds_config)
             meta = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
             if meta:
                 raise RuntimeError(f"assembling the model left weights uninitialised: {meta[:5]}")
     if len(tokenizer) > model.config.text_config.vocab_size:
         torch.manual_seed(config.init_seed)
-        model.resize_token_embeddings(len(tokenizer))
+        with sharded_build(ds_config):  # transformers gathers the old rows and builds the new matrices whole ...
+            model.resize_token_embeddings(len(tokenizer))
+        partition_remaining(model, ds_config)  # ... which are partitioned here, before anything else is built
     for key in ("image_token_id", "region_token_id"):
         expected = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN if key == "image_token_id" else REGION_TOKEN)
         if getattr(model.config, key) != expected:
@@ -264,15 +317,20 @@ def base_is_model_path(config: MLLMTrainConfig, tokenizer: PreTrainedTokenizerBa
 
 
 def save_base_model(
-    model: CLOCLlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, processor: Any, folder: Path
+    model: CLOCLlavaForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
+    processor: Any,
+    folder: Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the frozen base of a LoRA run (what ``train.merge_lora`` merges into) atomically."""
+    """Write the frozen base of a LoRA run (what ``train.merge_lora`` merges into) atomically; ``state_dict``: the
+    gathered weights of a partitioned model (:func:`train.mllm_zero3.gathered_state_dict`)."""
     if (folder / "config.json").is_file():
         return folder
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     os.replace(tmp, folder)
@@ -285,8 +343,10 @@ def build_model(
     processor_factory: Any,
     context: DistributedContext,
     precision: str,
+    ds_config: dict[str, Any] | None = None,
 ) -> tuple[CLOCLlavaForConditionalGeneration, Any, Path | None]:
-    """``(model, processor, base_dir)``: the model with the stage-1 projector loaded (not yet LoRA-wrapped).
+    """``(model, processor, base_dir)``: the model with the stage-1 projector loaded (not yet LoRA-wrapped);
+    partitioned under a ZeRO-3 ``ds_config`` (the filled dict the engine gets; see :func:`assemble_model`).
 
     ``base_dir`` is the folder a LoRA run's adapter applies to (``model_path`` when the base is exactly that folder,
     else ``output_dir/base_model``, written once by rank 0); ``None`` without LoRA. With ``bits`` the base is
@@ -306,17 +366,20 @@ def build_model(
         base_dir = base_dir or Path(config.output_dir) / BASE_MODEL_DIR
 
     def initial_model() -> CLOCLlavaForConditionalGeneration:
-        model = assemble_model(config, tokenizer, dtype)
+        model = assemble_model(config, tokenizer, dtype, ds_config)
         if config.pretrain_mm_projector:
-            load_projector(model, config.pretrain_mm_projector, expected_source=model_source(config, tokenizer))
+            source = model_source(config, tokenizer, zero3=is_zero3(ds_config))
+            load_projector(model, config.pretrain_mm_projector, expected_source=source)
         return model
 
     if config.bits is None:
         model = initial_model()
         processor = processor_factory(model.config)
         if base_dir is not None:
-            if context.is_main and base_dir.name == BASE_MODEL_DIR:
-                save_base_model(model, tokenizer, processor, base_dir)
+            if _must_write_base(base_dir, context):
+                state = gathered_state_dict(model, keep=context.is_main) if is_zero3(ds_config) else None
+                if context.is_main:
+                    save_base_model(model, tokenizer, processor, base_dir, state_dict=state)
             context.barrier()
         return model, processor, base_dir
     if context.is_main and base_dir.name == BASE_MODEL_DIR and not (base_dir / "config.json").is_file():
@@ -332,6 +395,13 @@ def build_model(
     return model, processor_factory(model.config), base_dir
 
 
+def _must_write_base(base_dir: Path, context: DistributedContext) -> bool:
+    """Whether ``output_dir/base_model`` is still to be written, as rank 0 sees it (every rank gets the same answer:
+    under ZeRO-3 writing it is collective)."""
+    missing = base_dir.name == BASE_MODEL_DIR and not (base_dir / "config.json").is_file()
+    return context.reduce({"missing": float(missing and context.is_main)}, op="max")["missing"] > 0
+
+
 def _zero_stage(path: str) -> int:
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     return int(data.get("zero_optimization", {}).get("stage", 0))
@@ -343,7 +413,9 @@ __all__ = [
     "build_model",
     "build_processor",
     "build_tokenizer",
+    "has_seeded_parts",
     "model_source",
+    "planned_text_config",
     "save_base_model",
     "upcast_trainable",
 ]

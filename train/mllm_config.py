@@ -59,6 +59,9 @@ class MLLMTrainConfig:
     resize_mode: Literal["pad", "squash", "crop"] | None = None
     """Image resizing (``null``: the saved image processor's, else ``pad``)."""
     num_workers: int = 0
+    max_invalid_fraction: float = 0.01
+    """Invalid samples (a label mask that cannot be built, a record the processor rejects) are skipped and counted;
+    more than this fraction of the data set (or of the samples drawn, when more) stops the run with an error."""
 
     # model
     model_path: str | None = None
@@ -159,6 +162,8 @@ class MLLMTrainConfig:
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"config key {key!r} must be > 0, got {value}")
+        if not 0.0 <= self.max_invalid_fraction <= 1.0:
+            raise ConfigError(f"config key 'max_invalid_fraction' must be in 0..1, got {self.max_invalid_fraction}")
         if not 0.0 <= self.warmup_ratio < 1.0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError("config keys 'warmup_ratio' (0..1) / 'min_lr_ratio' (0..1) out of range")
         if self.model_path and (self.vision_tower or self.language_model):

@@ -17,17 +17,22 @@ Tokenisation goes through the processor's chat template — the same template st
 
 Unreadable images are skipped and counted (the next record in data-set order takes the place, as in CLOC
 pretraining); samples longer than ``max_length`` are cut after the last image and region token when replies
-remain to learn from, otherwise skipped and counted.
+remain to learn from, otherwise skipped and counted. A record that fails in any other per-sample way
+(:data:`SAMPLE_ERRORS`: a label mask that cannot be built, a processor or template that rejects it) is skipped and
+counted in the same way as *invalid*; the trainer stops when more than a set fraction is (see
+:func:`check_invalid_budget`), so a systematic template bug stays loud. Other exceptions (programming errors)
+propagate.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from jinja2.exceptions import TemplateError
 from PIL import Image
 from torch.utils.data import Dataset
 from transformers.utils.chat_template_utils import render_jinja_template
@@ -47,6 +52,22 @@ class LabelMaskingError(ValueError):
 
 class SampleTooLong(ValueError):
     """A sample cannot be cut to ``max_length`` (its image/region tokens or every reply lie beyond it)."""
+
+
+class InvalidSample(ValueError):
+    """A record that cannot become a training sample (re-raised for a record that failed before)."""
+
+
+class TooManyInvalidSamples(RuntimeError):
+    """More training samples were invalid than ``max_invalid_fraction`` allows (names the count and first reasons)."""
+
+
+SAMPLE_ERRORS: tuple[type[Exception], ...] = (ValueError, TemplateError)
+"""What one bad record raises while it is encoded: :class:`LabelMaskingError` and the processor's and tokenizer's
+checks (``ValueError``), a template's ``raise_exception`` (``TemplateError``). ``TypeError``, ``KeyError``,
+``AttributeError`` and the like are programming errors and propagate."""
+INVALID_EXAMPLES = 5
+"""How many invalid samples are named in the log and in the error."""
 
 
 @dataclass
@@ -285,10 +306,11 @@ class ConversationDataset(Dataset):
             return image.convert("RGB")
 
     def encode(self, index: int) -> EncodedConversation:
-        """Sample ``index``; raises ``OSError`` (unreadable image) or :class:`SampleTooLong` (cached per index)."""
+        """Sample ``index``; raises ``OSError`` (unreadable image), :class:`SampleTooLong` or one of
+        :data:`SAMPLE_ERRORS` (an invalid record; :class:`InvalidSample` once it has failed in ``__getitem__``)."""
         if index in self._unusable:
             kind, reason = self._unusable[index]
-            raise (OSError if kind == "image" else SampleTooLong)(reason)
+            raise {"image": OSError, "length": SampleTooLong, "invalid": InvalidSample}[kind](reason)
         record = self.records[index]
         try:
             image = self.load_image(record)
@@ -313,9 +335,12 @@ class ConversationDataset(Dataset):
             raise
 
     def __getitem__(self, key: SampleKey | int) -> dict[str, Any]:
+        """The sample at ``key``, or the next usable one in data-set order; what was skipped on the way is listed
+        under ``skipped`` (images), ``too_long`` and ``invalid`` (counted by the trainer in the main process)."""
         _, index = key if isinstance(key, tuple) else (0, key)
         skipped: list[str] = []
         too_long: list[str] = []
+        invalid: list[str] = []
         for attempt in range(len(self.records)):
             candidate = (index + attempt) % len(self.records)
             record = self.records[candidate]
@@ -327,6 +352,9 @@ class ConversationDataset(Dataset):
             except OSError as error:  # unreadable image (encode re-raises every image error as OSError)
                 skipped.append(f"{record.id} ({record.image_path}): {error}")
                 continue
+            except SAMPLE_ERRORS as error:
+                invalid.append(self._invalid(candidate, error))
+                continue
             return {
                 "id": record.id,
                 "input_ids": sample.input_ids,
@@ -335,8 +363,67 @@ class ConversationDataset(Dataset):
                 "region_boxes": sample.region_boxes,
                 "skipped": skipped,
                 "too_long": too_long,
+                "invalid": invalid,
             }
-        raise RuntimeError(f"none of the {len(self.records)} samples could be used: {(skipped + too_long)[:3]}")
+        unusable = skipped + too_long + invalid
+        raise RuntimeError(f"none of the {len(self.records)} samples could be used: {unusable[:3]}")
+
+    def _invalid(self, index: int, error: Exception) -> str:
+        """Remember that record ``index`` is invalid; returns the reason, naming the record."""
+        record = self.records[index]
+        reason = str(error) if isinstance(error, InvalidSample) else f"{type(error).__name__}: {error}"
+        if record.id not in reason:
+            reason = f"sample {record.id!r}: {reason}"
+        self._unusable[index] = ("invalid", reason)
+        return reason
+
+    def check_usable(self, probe: int = INVALID_EXAMPLES) -> None:
+        """Encode samples in order until one is usable; raise the first error when the first ``probe`` invalid
+        records come before any usable one (a template / label-mask mismatch then fails before training starts).
+        Unreadable images and over-long samples are passed over, as in training."""
+        first: Exception | None = None
+        failures = 0
+        for index in range(len(self.records)):
+            try:
+                self.encode(index)
+                return
+            except (SampleTooLong, OSError):
+                continue
+            except SAMPLE_ERRORS as error:
+                first, failures = first or error, failures + 1
+                if failures >= probe:
+                    break
+        if first is not None:
+            raise first
+        raise RuntimeError(f"none of the {len(self.records)} samples could be used (unreadable images, too long)")
+
+
+def check_invalid_budget(
+    invalid: int,
+    drawn: int,
+    dataset_size: int,
+    fraction: float,
+    examples: Callable[[], Sequence[str]] = tuple,
+) -> None:
+    """Raise :class:`TooManyInvalidSamples` when more than ``fraction`` of the samples were invalid: of the data set,
+    or of the ``drawn`` samples (used + skipped) when more, since every epoch meets the same invalid records again.
+
+    Args:
+        invalid: invalid samples skipped so far (all ranks).
+        drawn: samples the run has drawn so far (all ranks).
+        dataset_size: records in the training data.
+        fraction: the largest tolerated fraction (``max_invalid_fraction``).
+        examples: the first reasons, named in the error; called only when raising (every rank raises together when
+            the counts are summed over ranks, so it may be collective).
+    """
+    base = max(drawn, dataset_size)
+    allowed = fraction * base
+    if invalid > allowed:
+        named = "; ".join(list(examples())[:INVALID_EXAMPLES]) or "see the rank logs"
+        raise TooManyInvalidSamples(
+            f"{invalid} training samples were invalid and skipped, more than max_invalid_fraction={fraction:g} "
+            f"allows ({allowed:.1f} of {base} samples): a systematic template or data problem? First: {named}"
+        )
 
 
 # ----- batching ------------------------------------------------------------------------------------------------------
@@ -350,6 +437,7 @@ class MLLMBatch:
     ids: list[str]
     skipped: list[str] = field(default_factory=list)
     too_long: list[str] = field(default_factory=list)
+    invalid: list[str] = field(default_factory=list)
 
     @property
     def num_supervised(self) -> int:
@@ -365,7 +453,7 @@ class MLLMBatch:
         moved = {key: value.to(device) for key, value in self.inputs.items()}
         if dtype is not None and "pixel_values" in moved:
             moved["pixel_values"] = moved["pixel_values"].to(dtype)
-        return MLLMBatch(inputs=moved, ids=self.ids, skipped=self.skipped, too_long=self.too_long)
+        return MLLMBatch(inputs=moved, ids=self.ids, skipped=self.skipped, too_long=self.too_long, invalid=self.invalid)
 
 
 @dataclass(frozen=True)
@@ -433,6 +521,7 @@ def collate_conversations(samples: Sequence[dict[str, Any]], config: CollateConf
         ids=[s["id"] for s in samples],
         skipped=[m for s in samples for m in s.get("skipped", [])],
         too_long=[m for s in samples for m in s.get("too_long", [])],
+        invalid=[m for s in samples for m in s.get("invalid", [])],
     )
 
 
@@ -450,12 +539,17 @@ def _append_masked(
 __all__ = [
     "ASSISTANT_MASKS",
     "IGNORE_INDEX",
+    "INVALID_EXAMPLES",
+    "SAMPLE_ERRORS",
     "CollateConfig",
     "ConversationDataset",
     "EncodedConversation",
+    "InvalidSample",
     "LabelMaskingError",
     "MLLMBatch",
     "SampleTooLong",
+    "TooManyInvalidSamples",
+    "check_invalid_budget",
     "collate_conversations",
     "encode_conversation",
 ]

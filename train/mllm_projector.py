@@ -16,6 +16,7 @@ from torch import nn
 
 from train.cloc_config import ConfigError
 from train.mllm_trainable import unwrap
+from train.mllm_zero3 import full_shape, gathered
 
 logger = logging.getLogger(__name__)
 MM_PROJECTOR_FILE = "mm_projector.safetensors"
@@ -23,16 +24,30 @@ PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "model.region_projector.")
 
 
 def projector_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Both projectors' weights under their names in the full model (``model.multi_modal_projector.*``, ...)."""
+    """Both projectors' weights under their names in the full model (``model.multi_modal_projector.*``, ...).
+    Under ZeRO-3 these are this rank's empty placeholders: see :func:`projector_parameters`."""
     inner = unwrap(model)
     state = {}
     for prefix, module in (
-        ("model.multi_modal_projector.", inner.model.multi_modal_projector),
-        ("model.region_projector.", inner.model.region_projector),
+        (PROJECTOR_PREFIXES[0], inner.model.multi_modal_projector),
+        (PROJECTOR_PREFIXES[1], inner.model.region_projector),
     ):
         for name, tensor in module.state_dict().items():
             state[prefix + name] = tensor
     return state
+
+
+def projector_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Both projectors' parameters by their names in the full model (partitioned ones included)."""
+    inner = unwrap(model)
+    return {
+        prefix + name: parameter
+        for prefix, module in (
+            (PROJECTOR_PREFIXES[0], inner.model.multi_modal_projector),
+            (PROJECTOR_PREFIXES[1], inner.model.region_projector),
+        )
+        for name, parameter in module.named_parameters()
+    }
 
 
 def save_projector(state: dict[str, torch.Tensor], path: Path, source: dict[str, Any] | None = None) -> None:
@@ -51,7 +66,8 @@ def load_projector(
 
     The image projector is required; a missing region projector is a warning (e.g. a projector from plain LLaVA).
     Shapes must match. A different recorded base (``model_source``) is a warning: the projector was aligned to
-    another LLM or vision tower.
+    another LLM or vision tower. Under ZeRO-3 the weights are copied in through gathered parameters (collective:
+    every rank calls this; each reads the file, rank 0's copy is kept).
     """
     file = Path(path)
     if file.is_dir():
@@ -61,7 +77,7 @@ def load_projector(
     with safe_open(str(file), framework="pt") as handle:
         metadata = handle.metadata() or {}
         state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    expected = projector_state(model)
+    expected = {name: full_shape(parameter) for name, parameter in projector_parameters(model).items()}
     unknown = sorted(set(state) - set(expected))
     if unknown:
         raise ConfigError(f"{file}: keys that are not projector weights of this model: {unknown[:5]}")
@@ -71,9 +87,9 @@ def load_projector(
     if missing:
         logger.warning("%s has no region projector weights; the region projector starts fresh", file)
     for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
+        if tensor.shape != expected[key]:
             raise ConfigError(
-                f"{file}: {key} has shape {tuple(tensor.shape)} but this model needs {tuple(expected[key].shape)} "
+                f"{file}: {key} has shape {tuple(tensor.shape)} but this model needs {tuple(expected[key])} "
                 "(another LLM or vision tower?)"
             )
     recorded = metadata.get("model_source")
@@ -83,12 +99,18 @@ def load_projector(
         and json.loads(recorded) != json.loads(json.dumps(expected_source))
     ):
         logger.warning("%s was trained against another base (%s) than this run's (%s)", file, recorded, expected_source)
-    inner = unwrap(model)
-    with torch.no_grad():
+    targets = projector_parameters(model)
+    with torch.no_grad(), gathered([targets[key] for key in state], modifier_rank=0):
         for key, tensor in state.items():
-            target = inner.get_parameter(key)
-            target.copy_(tensor.to(target.dtype))
+            targets[key].copy_(tensor.to(targets[key].dtype))
     logger.info("loaded the stage-1 projector from %s", file)
 
 
-__all__ = ["MM_PROJECTOR_FILE", "PROJECTOR_PREFIXES", "load_projector", "projector_state", "save_projector"]
+__all__ = [
+    "MM_PROJECTOR_FILE",
+    "PROJECTOR_PREFIXES",
+    "load_projector",
+    "projector_parameters",
+    "projector_state",
+    "save_projector",
+]

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from train.checkpoint import TRAINER_STATE, read_json, write_json
+from train.mllm_data import INVALID_EXAMPLES
 from train.mllm_projector import MM_PROJECTOR_FILE, PROJECTOR_PREFIXES, save_projector
 from train.mllm_trainable import unwrap
 from train.runtime import DistributedContext
@@ -48,21 +49,35 @@ PEFT_PREFIX = "base_model.model."
 @dataclass
 class MLLMTrainerState(TrainerState):
     """:class:`~train.trainer_state.TrainerState` plus ``skipped_too_long`` (samples that could not fit
-    ``max_length``)."""
+    ``max_length``) and ``skipped_invalid`` (invalid records: label mask, processor; the first few reasons this rank
+    met are kept in ``pending_invalid_examples`` and logged)."""
 
     skipped_too_long: int = 0
+    skipped_invalid: int = 0
     pending_too_long: int = field(default=0, repr=False)
+    pending_invalid: int = field(default=0, repr=False)
+    pending_invalid_examples: list[str] = field(default_factory=list, repr=False)
 
     def note_batch(self, batch: Any) -> None:
         super().note_batch(batch)
         self.pending_too_long += len(batch.too_long)
+        self.pending_invalid += len(batch.invalid)
+        for reason in batch.invalid[: max(0, INVALID_EXAMPLES - len(self.pending_invalid_examples))]:
+            logger.warning("skipped an invalid training sample: %s", reason)
+            self.pending_invalid_examples.append(reason)
 
     def flush_skipped(self, context: DistributedContext) -> dict[str, int]:
-        totals = context.reduce({"images": self.pending_skipped, "long": self.pending_too_long}, op="sum")
+        pending = {"images": self.pending_skipped, "long": self.pending_too_long, "invalid": self.pending_invalid}
+        totals = context.reduce(pending, op="sum")
         self.skipped_images += int(totals["images"])
         self.skipped_too_long += int(totals["long"])
-        self.pending_skipped = self.pending_too_long = 0
-        return {"skipped_images": self.skipped_images, "skipped_too_long": self.skipped_too_long}
+        self.skipped_invalid += int(totals["invalid"])
+        self.pending_skipped = self.pending_too_long = self.pending_invalid = 0
+        return {
+            "skipped_images": self.skipped_images,
+            "skipped_too_long": self.skipped_too_long,
+            "skipped_invalid": self.skipped_invalid,
+        }
 
     def to_json(self, config: Any, context: DistributedContext) -> dict[str, Any]:
         return {**super().to_json(config, context), "stage": config.stage}

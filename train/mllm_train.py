@@ -28,21 +28,32 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from cloc_encoder.compat import enable_activation_checkpointing
 from train.cloc_build import lr_factor
 from train.cloc_config import ConfigError
 from train.loop import LoopHooks, distributed_session, forward, run_loop, start_run
-from train.mllm_build import build_model, build_processor, build_tokenizer, model_source, upcast_trainable
+from train.mllm_build import (
+    build_model,
+    build_processor,
+    build_tokenizer,
+    model_source,
+    planned_text_config,
+    upcast_trainable,
+)
 from train.mllm_config import MLLMTrainConfig, load_mllm_config
 from train.mllm_conversations import conversation_read_report, read_conversations
 from train.mllm_data import (
     CollateConfig,
     ConversationDataset,
     MLLMBatch,
+    TooManyInvalidSamples,
+    check_invalid_budget,
     collate_conversations,
 )
 from train.mllm_projector import MM_PROJECTOR_FILE
 from train.mllm_run import MLLMRun, MLLMTrainerState, load_mllm_checkpoint, save_mllm_checkpoint
 from train.mllm_trainable import apply_lora, build_optimizer, configure_trainable, parameter_groups, unwrap
+from train.mllm_zero3 import is_zero3
 from train.runtime import deepspeed_config, launch_parser, prepare_launch
 from train.samplers import LengthGroupedBatchSampler, ResumableBatchSampler
 from train.trainer_state import open_output_dir
@@ -69,6 +80,8 @@ class MLLMTrainResult:
     skipped_too_long: int
     trainable_parameters: dict[str, int]
     elapsed_s: float
+    skipped_invalid: int = 0
+    """Invalid samples skipped (label mask, processor; see ``max_invalid_fraction``)."""
     log_history: list[dict[str, Any]] = field(default_factory=list)
     model: Any = field(default=None, repr=False)
     """The trained model (a PEFT model with LoRA); under ZeRO-3 its weights are partitioned — load a checkpoint."""
@@ -85,9 +98,8 @@ def _load_records(config: MLLMTrainConfig, path: str, what: str) -> list:
     return records
 
 
-def _zero3_auto_values(model: torch.nn.Module) -> dict[str, Any]:
+def _zero3_auto_values(hidden: int) -> dict[str, Any]:
     """transformers' sizes for ZeRO-3 buckets, from the LLM's hidden size (what ``"auto"`` means in our JSONs)."""
-    hidden = unwrap(model).config.text_config.hidden_size
     return {
         "zero_optimization.reduce_bucket_size": hidden * hidden,
         "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
@@ -101,10 +113,15 @@ def _build_run(config: MLLMTrainConfig, context: Any) -> tuple[MLLMRun, Path | N
     records = _load_records(config, config.train_data, "train")
     tokenizer = build_tokenizer(config, records, context, resume)
     factory = functools.partial(build_processor, config, tokenizer=tokenizer)
-    model, processor, base_dir = build_model(config, tokenizer, factory, context, precision)
-    source = model_source(config, tokenizer)
+    ds_config = None  # filled before the model is built: under ZeRO-3 the model is built partitioned
+    if config.deepspeed:
+        hidden = planned_text_config(config, tokenizer).hidden_size
+        ds_config = deepspeed_config(config.deepspeed, _with_precision(config, precision), context.world_size,
+                                     auto_values=_zero3_auto_values(hidden))  # fmt: skip
+    model, processor, base_dir = build_model(config, tokenizer, factory, context, precision, ds_config=ds_config)
+    source = model_source(config, tokenizer, zero3=is_zero3(ds_config))
     if config.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, use_reentrant=False)
     if config.lora:
         model = apply_lora(model, config)
     counts = configure_trainable(model, config)
@@ -117,7 +134,7 @@ def _build_run(config: MLLMTrainConfig, context: Any) -> tuple[MLLMRun, Path | N
     dataset = ConversationDataset(
         records, processor, max_length=config.max_length, assistant_mask=config.assistant_mask
     )
-    dataset[(0, 0)]  # a template / label-mask mismatch fails here, before any training (LabelMaskingError)
+    dataset.check_usable()  # a template / label-mask mismatch fails here, before any training (LabelMaskingError)
     val = None
     if config.val_data:
         val_records = _load_records(config, config.val_data, "val")
@@ -156,11 +173,9 @@ def _build_run(config: MLLMTrainConfig, context: Any) -> tuple[MLLMRun, Path | N
         max_steps=max_steps,
         trainable_counts=counts,
     )
-    if config.deepspeed:
+    if ds_config is not None:
         import deepspeed
 
-        ds_config = deepspeed_config(config.deepspeed, _with_precision(config, precision), context.world_size,
-                                     auto_values=_zero3_auto_values(model))  # fmt: skip
         engine, run.optimizer, _, run.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
@@ -175,20 +190,28 @@ def _with_precision(config: MLLMTrainConfig, precision: str) -> MLLMTrainConfig:
 
 
 def _hooks(run: MLLMRun) -> LoopHooks:
-    """The MLLM parts of the loop: the language-model loss with token counts, the log line, checkpoints."""
+    """The MLLM parts of the loop: the language-model loss per supervised token over each optimizer step (the
+    loop's ``num_items``), token counts, the log line, checkpoints."""
     context = run.context
     collate = functools.partial(collate_conversations, config=_collate_config(run))
 
-    def terms(batch: MLLMBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = forward(run, batch, use_cache=False).loss
+    def terms(batch: MLLMBatch, num_items_in_batch: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """The sum of the batch's token losses (fp32: the model's ``ForCausalLMLoss`` upcasts the logits) divided by
+        ``num_items_in_batch``; ``loss_sum`` is that sum, for the logged per-token mean."""
+        loss = forward(run, batch, use_cache=False, num_items_in_batch=num_items_in_batch).loss
+        value = float(loss.detach())
         counts = {"supervised_tokens": batch.num_supervised, "tokens": batch.num_tokens, "samples": len(batch.ids)}
-        return loss, {"loss": float(loss.detach()), **{key: float(value) for key, value in counts.items()}}
+        return loss, {
+            "loss": value,
+            "loss_sum": value * num_items_in_batch,
+            **{key: float(number) for key, number in counts.items()},
+        }
 
     def log_fields(interval: dict[str, float], count: int, seconds: float) -> dict[str, Any]:
-        names = ("loss", "supervised_tokens", "tokens", "samples")
+        names = ("loss_sum", "supervised_tokens", "tokens", "samples")
         sums = context.reduce({key: interval[key] for key in names}, op="sum")
         return {
-            "loss": sums["loss"] / (count * context.world_size),
+            "loss": sums["loss_sum"] / max(sums["supervised_tokens"], 1.0),  # per supervised token, all ranks
             "supervised_tokens": int(sums["supervised_tokens"]),
             "tokens_per_s": sums["tokens"] / max(seconds, 1e-9),
             "samples_per_s": sums["samples"] / max(seconds, 1e-9),
@@ -201,6 +224,7 @@ def _hooks(run: MLLMRun) -> LoopHooks:
         save=lambda state: save_mllm_checkpoint(run, state),
         collate=collate,
         desc=f"mllm stage {run.config.stage}",
+        num_items=lambda batch: batch.num_supervised,
     )
 
 
@@ -222,9 +246,13 @@ def train_mllm(
             logger.info("resumed from %s at step %d", resume, state.step)
         hooks = _hooks(run)
         batches = start_run(run, state, resume, sampler, hooks, find_unused_parameters=config.tune_vision_tower)
-        outcome = run_loop(
-            run, state, batches, sampler, hooks, val_dataset=val, start=start, step_callback=step_callback
-        )
+
+        def after_step(current: MLLMTrainerState) -> None:
+            _check_invalid(run, current)
+            if step_callback is not None:
+                step_callback(current)
+
+        outcome = run_loop(run, state, batches, sampler, hooks, val_dataset=val, start=start, step_callback=after_step)
         projector = Path(config.output_dir) / MM_PROJECTOR_FILE
         if context.is_main:
             tmp = projector.with_suffix(".tmp")
@@ -244,12 +272,30 @@ def train_mllm(
             stop_reason=outcome.stop_reason,
             skipped_images=state.flush_skipped(context)["skipped_images"],
             skipped_too_long=state.skipped_too_long,
+            skipped_invalid=state.skipped_invalid,
             trainable_parameters=dict(run.trainable_counts),
             elapsed_s=time.perf_counter() - start,
             log_history=list(state.log_history),
             model=run.model,
             processor=run.processor,
         )
+
+
+def _check_invalid(run: MLLMRun, state: MLLMTrainerState) -> None:
+    """Raise :class:`TooManyInvalidSamples` on every rank when more than ``max_invalid_fraction`` of the training
+    samples were invalid (collective: the skip counts are summed over ranks after every step)."""
+    context, config = run.context, run.config
+    totals = state.flush_skipped(context)
+    drawn = state.micro_batches * config.batch_size * context.world_size + sum(totals.values())
+
+    def examples() -> list[str]:
+        if not context.distributed:
+            return list(state.pending_invalid_examples)
+        gathered: list[list[str] | None] = [None] * context.world_size
+        torch.distributed.all_gather_object(gathered, state.pending_invalid_examples)
+        return [reason for rank in gathered for reason in rank or []]
+
+    check_invalid_budget(state.skipped_invalid, drawn, len(run.dataset), config.max_invalid_fraction, examples)
 
 
 def _collate_config(run: MLLMRun) -> CollateConfig:
@@ -280,10 +326,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TooManyInvalidSamples as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     if rank == "0":
         print(f"done: stage {result.stage}, step {result.step}/{result.max_steps} ({result.stop_reason}), "
               f"loss {result.metrics.get('loss')}, checkpoint {result.checkpoint}, projector {result.mm_projector}, "
-              f"{result.skipped_images} images skipped, {result.skipped_too_long} samples too long")  # fmt: skip
+              f"{result.skipped_images} images skipped, {result.skipped_too_long} samples too long, "
+              f"{result.skipped_invalid} invalid samples skipped")  # fmt: skip
     return 0
 
 

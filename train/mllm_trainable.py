@@ -11,6 +11,7 @@ from torch import nn
 from mllm import CLOCLlavaForConditionalGeneration
 from train.cloc_config import ConfigError
 from train.mllm_config import MLLMTrainConfig
+from train.mllm_zero3 import full_numel, full_shape
 
 UNUSED_PROMPTER_PARTS = ("text_projection",)
 """Prompter parts the MLLM never uses (text prompts); kept frozen when the prompter is tuned."""
@@ -69,6 +70,7 @@ def configure_trainable(module: nn.Module, config: MLLMTrainConfig) -> dict[str,
     Always: both projectors. Stage 2: the LLM (all of it, or only the LoRA adapters when ``module`` is a PEFT
     model). ``tune_prompter``: the prompter except its text-prompt projection (and its embedding projection when
     the region projector reads the pooled output). ``tune_vision_tower``: the ViT except its pooled-output head.
+    Counts are of full parameters, also when ZeRO-3 has partitioned them.
     """
     model = unwrap(module)
     lora = module is not model
@@ -94,7 +96,7 @@ def configure_trainable(module: nn.Module, config: MLLMTrainConfig) -> dict[str,
     counts = {group: 0 for group in ("projector", "vision", "llm")}
     for parameter_group, parameter in classify(module):
         if parameter.requires_grad:
-            counts[parameter_group] += parameter.numel()
+            counts[parameter_group] += full_numel(parameter)
     return counts
 
 
@@ -115,7 +117,8 @@ def classify(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def parameter_groups(module: nn.Module, config: MLLMTrainConfig) -> tuple[list[dict[str, Any]], list[float]]:
     """Optimizer groups of the trainable parameters and their peak lrs: per part (LLM ``lr``, projectors
-    ``projector_lr``, vision ``vision_tower_lr``) × weight decay (matrices only)."""
+    ``projector_lr``, vision ``vision_tower_lr``) × weight decay (matrices only: judged by the full shape, as a
+    ZeRO-3 parameter's own tensor is a flat slice)."""
     peaks = {
         "llm": config.peak_lr(),
         "projector": config.peak_projector_lr(),
@@ -124,7 +127,7 @@ def parameter_groups(module: nn.Module, config: MLLMTrainConfig) -> tuple[list[d
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for group, parameter in classify(module):
         if parameter.requires_grad:
-            buckets.setdefault((group, parameter.ndim >= 2), []).append(parameter)
+            buckets.setdefault((group, len(full_shape(parameter)) >= 2), []).append(parameter)
     groups, lrs = [], []
     for (group, decay), params in sorted(buckets.items(), key=lambda item: (item[0][0], not item[0][1])):
         groups.append(
