@@ -10,7 +10,6 @@ question: scores ``[reference, model]`` or the failure), ``metrics.json``, ``met
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -32,14 +31,23 @@ from eval.ferret_bench import (
     review_messages,
 )
 from eval.judge import ChatJudge, JudgeError, JudgeSettings, parse_two_scores
-from eval.mllm_cli import SetupError, add_model_arguments, check_positive, load_model, report_error
+from eval.mllm_cli import (
+    SetupError,
+    add_model_arguments,
+    check_positive,
+    generation_settings,
+    load_model,
+    report_error,
+)
 from eval.mllm_generation import (
     GenerationSettings,
     PredictionStore,
+    TooManyFailuresError,
     answer_questions,
     claim_output_folder,
     model_identity,
 )
+from eval.predictions import is_failed
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor
 from mllm.box_codec import BoxCodec
 
@@ -54,15 +62,18 @@ def judge_answers(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """One review per item, in order: ``status`` ``judged`` with ``scores`` ``[reference, model]``, else
-    ``unanswered`` (no answer: unreadable image) or ``judge_failed`` (no reply held two scores), with an ``error``.
+    ``unanswered`` (no answer: its image could not be read; asked again on the next run) or ``judge_failed`` (no
+    reply held two scores), with an ``error``.
     Raises :class:`~eval.judge.JudgeError` when the endpoint fails."""
 
     def review(item: FerretItem) -> dict[str, Any]:
-        answer = predictions.get(item.id, {}).get("answer")
+        prediction = predictions.get(item.id, {})
+        answer = prediction.get("answer")
         entry: dict[str, Any] = {"id": item.id, "task": item.task, "category": item.category}
         entry["question_id"] = item.question_id
         if answer is None:
-            return {**entry, "status": "unanswered", "scores": None, "error": "no answer (unreadable image)"}
+            error = prediction.get("error") if is_failed(prediction) else None
+            return {**entry, "status": "unanswered", "scores": None, "error": f"no answer ({error or 'missing'})"}
         shown = answer_for_judge(answer, item.category, codec)
         outcome = judge.judge(review_messages(item, shown, rules[item.category]), parse_two_scores)
         status = "judged" if outcome.parsed is not None else "judge_failed"
@@ -108,9 +119,10 @@ def evaluate_ferret_bench(
         {
             "benchmark": "ferret-bench",
             "model": identity or {"class": type(model).__name__},
-            "settings": dataclasses.asdict(settings),
+            "settings": settings.identity(),
             "box_codec": processor.box_codec,
         },
+        model,
     )
     questions = [ferret_question(item, images_dir, processor) for item in items]
     store = PredictionStore(out / "predictions.jsonl")
@@ -213,8 +225,8 @@ def run_ferret_bench(args: argparse.Namespace) -> int:
         if not args.images.is_dir():
             raise SetupError(f"--images {args.images}: not a folder")
         judge = _judge(args)
+        settings = generation_settings(args)
         model, processor = load_model(args)
-        settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
         data = {"data": str(args.data.resolve()), "images": str(args.images.resolve()), "tasks": tasks}
         metrics = evaluate_ferret_bench(
             model,
@@ -231,6 +243,8 @@ def run_ferret_bench(args: argparse.Namespace) -> int:
         )
     except (SetupError, FileNotFoundError, ValueError) as error:
         return report_error(str(error))
+    except TooManyFailuresError as error:
+        return report_error(str(error), status=1)
     except JudgeError as error:
         return report_error(f"judge: {error} (rerun to resume: answers and accepted reviews are kept)")
     if metrics is None:  # not rank 0 of a data-parallel run

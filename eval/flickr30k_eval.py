@@ -8,7 +8,6 @@ Writes, under ``--out``: ``predictions.jsonl`` (appended as produced; a rerun re
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -24,14 +23,24 @@ from eval.flickr30k import (
     region_phrase_questions,
     score_phrases,
 )
-from eval.mllm_cli import SetupError, add_model_arguments, check_positive, load_model, report_error
+from eval.mllm_cli import (
+    SetupError,
+    add_model_arguments,
+    check_positive,
+    generation_settings,
+    load_model,
+    report_error,
+    report_not_evaluated,
+)
 from eval.mllm_generation import (
     GenerationSettings,
     PredictionStore,
+    TooManyFailuresError,
     answer_questions,
     claim_output_folder,
     model_identity,
 )
+from eval.predictions import failed_ids, without_failed
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor
 
 
@@ -47,8 +56,10 @@ def evaluate_phrase_grounding(
 ) -> dict[str, Any] | None:
     """Answer every phrase question (resuming from ``out_dir/predictions.jsonl``), score both protocols and write
     ``metrics.json`` / ``metrics.md``; ``recall@1`` is the chosen ``protocol``'s. ``identity`` (model and data) is
-    recorded in ``out_dir`` and a rerun with another identity or settings raises ``ValueError``. Returns ``None``
-    on the ranks other than 0 of a data-parallel run (:mod:`eval.distributed`)."""
+    recorded in ``out_dir`` with the model's dtype and attention implementation, and a rerun with another identity
+    or settings raises ``ValueError``. Phrases whose image could not be read are not scored (``not_evaluated``;
+    asked again on the next run). Returns ``None`` on the ranks other than 0 of a data-parallel run
+    (:mod:`eval.distributed`)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r}; choose from {PROTOCOLS}")
     out = Path(out_dir)
@@ -58,24 +69,25 @@ def evaluate_phrase_grounding(
         {
             "benchmark": "flickr30k",
             "model": identity or {"class": type(model).__name__},
-            "settings": dataclasses.asdict(settings),
+            "settings": settings.identity(),
             "box_codec": processor.box_codec,
         },
+        model,
     )
     store = PredictionStore(out / "predictions.jsonl")
     predictions = answer_questions(model, processor, phrases.questions, store, settings, progress=progress)
     if predictions is None:  # not rank 0 of a data-parallel run: rank 0 scores
         return None
-    scores = score_phrases(predictions, phrases.targets, processor.codec)
+    scores = score_phrases(predictions, without_failed(phrases.targets, predictions), processor.codec)
     metrics: dict[str, Any] = {
         "protocol": protocol,
         "recall@1": scores[protocol]["recall@1"],
         "merged": scores["merged"],
         "any": scores["any"],
         "num_images": phrases.num_images,
-        "num_phrases": len(phrases.targets),
+        "num_phrases": scores["merged"]["num_phrases"],
         "no_box": scores["no_box"],
-        "unreadable_images": sum(1 for p in predictions.values() if p.get("error")),
+        "not_evaluated": len(failed_ids(predictions)),
         "skipped_phrases": dict(sorted(phrases.skipped.items())),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -97,8 +109,9 @@ def format_flickr_metrics(metrics: dict[str, Any]) -> str:
     skipped = ", ".join(f"{k} {v}" for k, v in metrics["skipped_phrases"].items()) or "none"
     lines.append("")
     lines.append(
-        f"Headline protocol: {metrics['protocol']}. Answers without a box: {metrics['no_box']}; unreadable images: "
-        f"{metrics['unreadable_images']}; phrases skipped (no box): {skipped}."
+        f"Headline protocol: {metrics['protocol']}. Answers without a box: {metrics['no_box']}; not evaluated "
+        f"(image could not be read; asked again on the next run): {metrics['not_evaluated']}; phrases skipped "
+        f"(no box): {skipped}."
     )
     return "\n".join(lines)
 
@@ -144,8 +157,8 @@ def run_flickr30k(args: argparse.Namespace) -> int:
         phrases, data = _phrases(args)
         if not phrases.questions:
             raise SetupError(f"--data {args.data}: no phrase with a box to evaluate")
+        settings = generation_settings(args)
         model, processor = load_model(args)
-        settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
         metrics = evaluate_phrase_grounding(
             model,
             processor,
@@ -158,16 +171,13 @@ def run_flickr30k(args: argparse.Namespace) -> int:
         )
     except (SetupError, FileNotFoundError, ValueError) as error:
         return report_error(str(error))
+    except TooManyFailuresError as error:
+        return report_error(str(error), status=1)
     if metrics is None:  # not rank 0 of a data-parallel run
         return 0
     print(format_flickr_metrics(metrics))
     print(f"wrote {args.out / 'metrics.json'}")
-    if metrics["unreadable_images"] == len(phrases.questions):
-        print("error: no image could be read; nothing was evaluated", file=sys.stderr)
-        return 1
-    if metrics["unreadable_images"]:
-        print(f"warning: {metrics['unreadable_images']} questions had unreadable images (misses)", file=sys.stderr)
-    return 0
+    return report_not_evaluated(metrics["not_evaluated"], metrics["num_phrases"])
 
 
 __all__ = ["add_parser", "evaluate_phrase_grounding", "format_flickr_metrics", "run_flickr30k"]

@@ -7,9 +7,15 @@ boxes of its ``<region>`` tokens. The prompt is rendered by the processor's chat
 (:meth:`train.mllm_conversations.ConversationRecord.messages`): ``[{"type": "image"}, {"type": "text", ...}]`` in
 the user turn, then the generation prompt.
 
-Batches are left-padded; greedy outputs do not depend on the batch size (``tests/test_mllm_model.py`` checks
-batch-of-n against batch-of-one). An unreadable image gives a prediction with ``answer: null`` and an ``error``,
-counted, never a crash; resuming skips every id already in the file.
+Batches are left-padded; in float32 greedy outputs do not depend on the batch size (``tests/test_mllm_model.py``
+checks batch-of-n against batch-of-one; in bfloat16 a few answers may, ``docs/evaluation.md``). An unreadable image
+(or another failure outside the model) gives a *failed* prediction: ``answer: null``, ``"status": "failed"`` and an
+``error`` (:mod:`eval.predictions`), never a crash; it is not scored, it is counted, and a rerun asks it again.
+More failures than :attr:`GenerationSettings.max_failed_fraction` of the questions stop the run
+(:class:`TooManyFailuresError`). Resuming skips every id already answered in the file.
+
+What produced a folder's predictions (model, dtype, attention implementation, data, decoding settings) is recorded
+in its ``eval_run.json`` (:func:`claim_output_folder`); a rerun that differs is refused rather than mixed in.
 
 Data-parallel (``torchrun``/``accelerate launch``, :mod:`eval.distributed`): each rank answers every
 ``world_size``-th question still unanswered into its own shard file, then rank 0 merges the shards into the store
@@ -29,8 +35,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from cloc_encoder.data.format import atomic_write_text
 from eval.distributed import barrier, data_parallel_rank
-from eval.predictions import PredictionStore, answered_ids, merge_shards, shard_path
+from eval.predictions import FAILED, PredictionStore, answered_ids, failed_ids, merge_shards, shard_path
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor
 
 IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
@@ -49,29 +56,76 @@ class Question:
     target_box: tuple[float, float, float, float] | None = None
 
 
+DEFAULT_MAX_FAILED_FRACTION = 0.01
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Decoding settings of an evaluation (greedy by default, as every benchmark here reports)."""
+    """Settings of an evaluation: decoding (greedy, as every benchmark here reports), the batch size, and how many
+    failed answers (:mod:`eval.predictions`) stop the run: more than ``max_failed_fraction`` of the questions."""
 
     max_new_tokens: int = 64
     batch_size: int = 16
     system_prompt: str | None = None
+    max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that change the predictions, recorded in ``eval_run.json``: not the batch size (greedy
+        answers do not depend on it) nor the failure bound."""
+        return {"max_new_tokens": self.max_new_tokens, "system_prompt": self.system_prompt}
+
+
+class TooManyFailuresError(RuntimeError):
+    """More answers failed outside the model (unreadable images, I/O errors) than the run allows."""
 
 
 RUN_FILE = "eval_run.json"
+_NOT_RECORDED = object()
 
 
-def claim_output_folder(out_dir: str | os.PathLike[str], identity: dict[str, Any]) -> None:
-    """Record what produces the predictions in ``out_dir`` (model, data, decoding settings) in ``eval_run.json``;
-    raise ``ValueError`` when the folder already holds predictions of a different run, so a resume never mixes
-    the answers of two models or two settings. Data-parallel: rank 0 writes the record, then every rank compares
-    (all raise the same error, none waits forever)."""
+def runtime_identity(model: torch.nn.Module) -> dict[str, str]:
+    """What of the loaded model, besides its weights, changes the answers: ``dtype`` (``"bfloat16"``, ...) and the
+    ``attn_implementation`` it runs (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``)."""
+    dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
+    config = getattr(model, "config", None)
+    attention = getattr(config, "_attn_implementation", None) if config is not None else None
+    return {"dtype": str(dtype).removeprefix("torch."), "attn_implementation": str(attention)}
+
+
+def _shown(value: Any) -> str:
+    if value is _NOT_RECORDED:
+        return "not recorded"
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _differences(recorded: dict[str, Any], requested: dict[str, Any], prefix: str = "") -> list[str]:
+    """``"key: <recorded> in eval_run.json, <requested> now"`` for every differing leaf (nested keys dotted)."""
+    found = []
+    for key in sorted({*recorded, *requested}):
+        old, new = recorded.get(key, _NOT_RECORDED), requested.get(key, _NOT_RECORDED)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += _differences(old, new, f"{prefix}{key}.")
+        else:
+            found.append(f"{prefix}{key}: {_shown(old)} in {RUN_FILE}, {_shown(new)} now")
+    return found
+
+
+def claim_output_folder(out_dir: str | os.PathLike[str], identity: dict[str, Any], model: torch.nn.Module) -> None:
+    """Record what produces the predictions in ``out_dir`` in ``eval_run.json`` (written atomically): ``identity``
+    (model, data, decoding settings, ...) and ``model``'s dtype and attention implementation
+    (:func:`runtime_identity`). Raise ``ValueError`` when the folder already holds predictions of a different run,
+    naming each differing value as recorded and as now, so a resume never mixes the answers of two models, two
+    dtypes or two settings. Data-parallel: rank 0 writes the record, then every rank compares (all raise the same
+    error, none waits forever)."""
     path = Path(out_dir) / RUN_FILE
-    identity = json.loads(json.dumps(identity))  # plain JSON types, as read back
+    identity = json.loads(json.dumps({**identity, **runtime_identity(model)}))  # plain JSON types, as read back
     rank, _ = data_parallel_rank()
     if rank == 0 and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(path, json.dumps(identity, indent=2) + "\n")
     barrier()
     if not path.exists():
         raise ValueError(f"{path}: written by rank 0 but not seen by rank {rank}; --out must be on a shared filesystem")
@@ -79,8 +133,8 @@ def claim_output_folder(out_dir: str | os.PathLike[str], identity: dict[str, Any
     if recorded != identity:
         changed = sorted(k for k in {*recorded, *identity} if recorded.get(k) != identity.get(k))
         raise ValueError(
-            f"{out_dir} holds predictions of another run (differs in {', '.join(changed)}); "
-            "choose a new --out, or delete the folder to start over"
+            f"{out_dir} holds predictions of another run (differs in {', '.join(changed)}: "
+            f"{'; '.join(_differences(recorded, identity))}); choose a new --out, or delete the folder to start over"
         )
 
 
@@ -147,6 +201,36 @@ def _answer_batch(
     return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
+def failed_record(question: Question, error: str) -> dict[str, Any]:
+    """The stored prediction of a question whose answer failed outside the model: ``answer: null``,
+    ``"status": "failed"`` and the ``error`` (retried on the next run, :mod:`eval.predictions`)."""
+    return {**prediction_record(question, None), "status": FAILED, "error": error}
+
+
+def check_failures(
+    predictions: dict[str, dict[str, Any]], num_questions: int, settings: GenerationSettings, where: Path
+) -> None:
+    """Raise :class:`TooManyFailuresError` when more of ``predictions`` failed than ``settings`` allows of
+    ``num_questions`` questions."""
+    failed = sorted(failed_ids(predictions))
+    limit = int(settings.max_failed_fraction * num_questions + 1e-9)  # 0.1 × 30 is 3, not 2.9999…
+    if len(failed) > limit:
+        example = predictions[failed[0]].get("error")
+        raise TooManyFailuresError(
+            f"{len(failed)} of {num_questions} questions could not be answered (their image could not be read; "
+            f"e.g. {failed[0]}: {example}), more than --max-failed-fraction {settings.max_failed_fraction:g} allows "
+            f"({limit}). They are recorded as failed in {where} and asked again on the next run: fix the images "
+            "(or raise --max-failed-fraction) and rerun"
+        )
+
+
+def not_evaluated_note(count: int) -> str:
+    """The sentence a metrics table ends with when ``count`` questions were not evaluated (else ``""``)."""
+    if not count:
+        return ""
+    return f"Not evaluated: {count} questions (image could not be read; asked again on the next run)."
+
+
 def _generate(
     model: CLOCLlavaForConditionalGeneration,
     processor: CLOCLlavaProcessor,
@@ -154,24 +238,31 @@ def _generate(
     store: PredictionStore,
     settings: GenerationSettings,
     bar: tqdm,
+    num_questions: int,
 ) -> None:
-    """Answer ``todo`` in batches, appending each batch's predictions to ``store``."""
-    for start in range(0, len(todo), settings.batch_size):
-        batch = todo[start : start + settings.batch_size]
-        results: list[dict[str, Any]] = []
-        readable, images = [], []
-        for question in batch:
-            try:
-                images.append(_open_image(question.image))
-                readable.append(question)
-            except IMAGE_ERRORS as error:
-                results.append({**prediction_record(question, None), "error": f"{question.image}: {error}"})
-        if readable:
-            answers = _answer_batch(model, processor, readable, images, settings)
-            results.extend(prediction_record(q, a) for q, a in zip(readable, answers, strict=True))
-        store.append(results)
-        bar.update(len(batch))
-    bar.close()
+    """Answer ``todo`` in batches, appending each batch's predictions to ``store``; stop with
+    :class:`TooManyFailuresError` as soon as more answers failed than ``settings`` allows of ``num_questions``."""
+    failed: dict[str, dict[str, Any]] = {}
+    try:
+        for start in range(0, len(todo), settings.batch_size):
+            batch = todo[start : start + settings.batch_size]
+            results: list[dict[str, Any]] = []
+            readable, images = [], []
+            for question in batch:
+                try:
+                    images.append(_open_image(question.image))
+                    readable.append(question)
+                except IMAGE_ERRORS as error:
+                    results.append(failed_record(question, f"{question.image}: {error}"))
+                    failed[question.id] = results[-1]
+            if readable:
+                answers = _answer_batch(model, processor, readable, images, settings)
+                results.extend(prediction_record(q, a) for q, a in zip(readable, answers, strict=True))
+            store.append(results)
+            bar.update(len(batch))
+            check_failures(failed, num_questions, settings, store.path)
+    finally:
+        bar.close()
 
 
 def answer_questions(
@@ -182,17 +273,22 @@ def answer_questions(
     settings: GenerationSettings | None = None,
     progress: bool = True,
 ) -> dict[str, dict[str, Any]] | None:
-    """Generate an answer for every question not yet in ``store`` and append it there; returns every prediction of
-    ``questions`` (:func:`prediction_record`; ``answer`` is ``None`` with an ``error`` for unreadable
-    images). Questions keep their given order; ids must be unique.
+    """Generate an answer for every question not yet answered in ``store`` (a failed prediction is asked again) and
+    append it there; returns every prediction of ``questions`` (:func:`prediction_record`; :func:`failed_record`
+    for unreadable images). Questions keep their given order; ids must be unique. Raises
+    :class:`TooManyFailuresError` (after storing what was answered) when more than ``settings.max_failed_fraction``
+    of the questions failed.
 
     In a data-parallel run every rank calls this with the same questions: rank ``r`` of ``w`` answers
-    ``todo[r::w]`` (``todo``: the questions in neither ``store`` nor a shard beside it) into its shard; after a
-    barrier rank 0 merges the shards into ``store`` and returns the predictions, the other ranks return ``None``.
-    Answers left in shards by an interrupted run of any world size, or by one process, are reused."""
+    ``todo[r::w]`` (``todo``: the questions answered in neither ``store`` nor a shard beside it) into its shard;
+    after a barrier rank 0 merges the shards into ``store``, checks the failures of all ranks and returns the
+    predictions, the other ranks return ``None`` (a rank whose own failures pass the bound stops at once). Answers
+    left in shards by an interrupted run of any world size, or by one process, are reused."""
     settings = settings or GenerationSettings()
     if settings.batch_size < 1 or settings.max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be positive")
+    if not 0.0 <= settings.max_failed_fraction <= 1.0:
+        raise ValueError(f"max_failed_fraction={settings.max_failed_fraction}; expected a fraction in [0, 1]")
     ids = [q.id for q in questions]
     if len(set(ids)) != len(ids):
         duplicate = next(i for i in ids if ids.count(i) > 1)
@@ -203,29 +299,39 @@ def answer_questions(
         merge_shards(store, ids)  # answers of an interrupted data-parallel run
         todo = [q for q in questions if q.id not in store]
         bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc="generate", disable=not progress)
-        _generate(model, processor, todo, store, settings, bar)
-        return {q.id: store.predictions[q.id] for q in questions}
+        _generate(model, processor, todo, store, settings, bar, len(questions))
+        predictions = {q.id: store.predictions[q.id] for q in questions}
+        check_failures(predictions, len(questions), settings, store.path)
+        return predictions
     answered = answered_ids(store)
     mine = [q for q in questions if q.id not in answered][rank::world_size]
     shard = PredictionStore(shard_path(store.path, rank, world_size))
     barrier()  # every rank has read the files before any rank appends to its shard
     bar = tqdm(total=len(mine), desc=f"generate (rank 0 of {world_size})", disable=rank != 0 or not progress)
-    _generate(model, processor, mine, shard, settings, bar)
+    _generate(model, processor, mine, shard, settings, bar, len(questions))
     barrier()  # every shard is complete
     if rank != 0:
         return None
     merge_shards(store, ids)
-    return {q.id: store.predictions[q.id] for q in questions}
+    predictions = {q.id: store.predictions[q.id] for q in questions}
+    check_failures(predictions, len(questions), settings, store.path)
+    return predictions
 
 
 __all__ = [
+    "DEFAULT_MAX_FAILED_FRACTION",
     "RUN_FILE",
     "GenerationSettings",
     "PredictionStore",
     "Question",
+    "TooManyFailuresError",
     "answer_questions",
+    "check_failures",
     "claim_output_folder",
+    "failed_record",
     "model_identity",
+    "not_evaluated_note",
     "prediction_record",
     "prompt_text",
+    "runtime_identity",
 ]

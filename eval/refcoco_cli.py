@@ -5,8 +5,8 @@ split (``docs/evaluation.md``).
         [--images DIR] [--expressions all|first] [--batch-size N] [--limit N] --out DIR
     python -m eval reg --model DIR --data DIR --dataset refcocog --split val [--tokenizer auto] [--no-meteor] --out DIR
 
-Exit status: 0 on success, 1 when nothing could be evaluated (every image missing or unreadable), 2 on a missing or
-unreadable model or data, or a bad flag.
+Exit status: 0 on success, 1 when nothing could be evaluated (every image missing or unreadable) or more answers
+failed than ``--max-failed-fraction`` allows, 2 on a missing or unreadable model or data, or a bad flag.
 """
 
 from __future__ import annotations
@@ -18,8 +18,16 @@ from typing import Any
 
 from cloc_encoder.data.converters.common import ConversionReport
 from eval.caption_metrics import TOKENIZERS, resolve_tokenizer
-from eval.mllm_cli import SetupError, add_model_arguments, check_positive, load_model, report_error
-from eval.mllm_generation import GenerationSettings, model_identity
+from eval.mllm_cli import (
+    SetupError,
+    add_model_arguments,
+    check_positive,
+    generation_settings,
+    load_model,
+    report_error,
+    report_not_evaluated,
+)
+from eval.mllm_generation import TooManyFailuresError, model_identity
 from eval.refcoco_data import DATASETS, FORMATS, SPLITS, RefSample, images_folder, read_ref_samples
 from eval.refcoco_eval import (
     REC_PROMPTS,
@@ -119,23 +127,17 @@ def _run_description(
 def _finish(args: argparse.Namespace, metrics: dict[str, Any], table: str, scores: dict[str, Any]) -> int:
     print(table)
     print(f"wrote {args.out / 'metrics.json'}")
-    unreadable, total = scores["unreadable_images"], scores["num_questions"]
-    if unreadable:
-        print(f"warning: {unreadable} questions had unreadable images (counted as misses)", file=sys.stderr)
-    if total and unreadable == total:
-        print("error: no image could be read; nothing was evaluated", file=sys.stderr)
-        return 1
-    return 0
+    return report_not_evaluated(scores["not_evaluated"], scores["num_questions"])
 
 
 def _setup(args: argparse.Namespace) -> tuple:
     """What REC and REG both start from: checked flags, the split's samples, the model and processor, the run's
     identity and description, the decoding settings."""
     check_positive(args, "batch_size", "max_new_tokens", "limit")
+    settings = generation_settings(args)
     samples, used, report = _read(args)
     model, processor = load_model(args)
     identity, info = _run_description(args, used, report)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     return samples, model, processor, identity, info, settings
 
 
@@ -157,6 +159,8 @@ def run_rec(args: argparse.Namespace) -> int:
         )
     except (SetupError, ValueError) as error:
         return report_error(str(error))
+    except TooManyFailuresError as error:
+        return report_error(str(error), status=1)
     if metrics is None:  # not rank 0 of a data-parallel run
         return 0
     return _finish(args, metrics, format_rec_metrics(metrics), metrics["rec"])
@@ -185,6 +189,8 @@ def run_reg(args: argparse.Namespace) -> int:
         )
     except (SetupError, ValueError) as error:
         return report_error(str(error))
+    except TooManyFailuresError as error:
+        return report_error(str(error), status=1)
     if metrics is None:  # not rank 0 of a data-parallel run
         return 0
     return _finish(args, metrics, format_reg_metrics(metrics), metrics["reg"])

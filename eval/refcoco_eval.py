@@ -3,7 +3,8 @@
 - **REC**: one question per referring expression of every sample (``expressions="all"``, the standard protocol;
   ``"first"``: one per object). The first box written in the answer (the model's box codec,
   ``processor.codec``) is compared with the object's box, both ``xyxy`` normalised by the original image's width and
-  height; a missing or malformed box is a miss (IoU 0). Metrics: :func:`eval.region_tasks.grounding_metrics`
+  height; a missing or malformed box is a miss (IoU 0); a question whose image could not be read is not scored
+  (counted in ``not_evaluated``, asked again on the next run). Metrics: :func:`eval.region_tasks.grounding_metrics`
   (Acc@0.5 headline, mean IoU, Acc@0.1…0.9, centre accuracy). Question ids: ``<sample id>-<expression index>``.
 - **REG**: one question per sample, the region written ``[x1, y1, x2, y2] <region>``
   (``processor.format_region``) with its exact box for the prompter; the answer is scored against the sample's
@@ -19,14 +20,21 @@ id (:mod:`eval.mllm_generation`); the batch size does not change them.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from eval.caption_metrics import caption_metrics
-from eval.mllm_generation import GenerationSettings, PredictionStore, Question, answer_questions, claim_output_folder
+from eval.mllm_generation import (
+    GenerationSettings,
+    PredictionStore,
+    Question,
+    answer_questions,
+    claim_output_folder,
+    not_evaluated_note,
+)
+from eval.predictions import failed_ids, without_failed
 from eval.refcoco_data import RefSample
 from eval.region_tasks import GroundingTarget, score_grounding
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor
@@ -88,15 +96,16 @@ def reg_questions(
 def _claim(
     out: Path,
     task: str,
+    model: CLOCLlavaForConditionalGeneration,
     processor: CLOCLlavaProcessor,
     settings: GenerationSettings,
     identity: dict[str, Any] | None,
     extra: dict[str, Any],
 ) -> None:
-    """Record what produces the predictions; the batch size is left out since it does not change them."""
-    decoding = {k: v for k, v in dataclasses.asdict(settings).items() if k != "batch_size"}
-    run = {"task": task, **(identity or {}), "settings": decoding, "box_codec": processor.box_codec, **extra}
-    claim_output_folder(out, run)
+    """Record what produces the predictions (with the model's dtype and attention implementation); the batch size
+    is left out since it does not change them."""
+    run = {"task": task, **(identity or {}), "settings": settings.identity(), "box_codec": processor.box_codec}
+    claim_output_folder(out, {**run, **extra}, model)
 
 
 def _write(out: Path, metrics: dict[str, Any], table: str) -> None:
@@ -126,7 +135,8 @@ def evaluate_rec(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = settings or GenerationSettings(max_new_tokens=32)
-    _claim(out, "rec", processor, settings, identity, {"prompt": REC_PROMPTS[prompt], "expressions": expressions})
+    extra = {"prompt": REC_PROMPTS[prompt], "expressions": expressions}
+    _claim(out, "rec", model, processor, settings, identity, extra)
     questions, targets = rec_questions(samples, prompt, expressions)
     store = PredictionStore(out / "predictions_rec.jsonl")
     predictions = answer_questions(model, processor, questions, store, settings, progress=progress)
@@ -134,8 +144,8 @@ def evaluate_rec(
         return None
     metrics: dict[str, Any] = {"task": "rec", **(info or {}), "prompt": prompt, "expressions": expressions}
     metrics["samples"] = len(samples)
-    metrics["rec"] = score_grounding(predictions, targets, processor.codec)
-    metrics["rec"]["unreadable_images"] = sum(1 for p in predictions.values() if p.get("error"))
+    metrics["rec"] = score_grounding(predictions, without_failed(targets, predictions), processor.codec)
+    metrics["rec"]["not_evaluated"] = len(failed_ids(predictions))
     _write(out, metrics, format_rec_metrics(metrics))
     return metrics
 
@@ -160,7 +170,7 @@ def evaluate_reg(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = settings or GenerationSettings(max_new_tokens=48)
-    _claim(out, "reg", processor, settings, identity, {"prompt": REG_PROMPTS[prompt]})
+    _claim(out, "reg", model, processor, settings, identity, {"prompt": REG_PROMPTS[prompt]})
     questions, references = reg_questions(samples, processor, prompt)
     store = PredictionStore(out / "predictions_reg.jsonl")
     predictions = answer_questions(model, processor, questions, store, settings, progress=progress)
@@ -168,8 +178,9 @@ def evaluate_reg(
         return None
     answers = {i: p.get("answer") for i, p in predictions.items()}
     metrics: dict[str, Any] = {"task": "reg", **(info or {}), "prompt": prompt, "samples": len(samples)}
-    metrics["reg"] = caption_metrics(answers, references, tokenizer=tokenizer, meteor=meteor)
-    metrics["reg"]["unreadable_images"] = sum(1 for p in predictions.values() if p.get("error"))
+    scored = without_failed(references, predictions)
+    metrics["reg"] = caption_metrics(answers, scored, tokenizer=tokenizer, meteor=meteor)
+    metrics["reg"]["not_evaluated"] = len(failed_ids(predictions))
     _write(out, metrics, format_reg_metrics(metrics))
     return metrics
 
@@ -184,15 +195,15 @@ def _title(metrics: dict[str, Any]) -> str:
 def format_rec_metrics(metrics: dict[str, Any]) -> str:
     """A markdown table of :func:`evaluate_rec`'s metrics."""
     rec = metrics["rec"]
-    return "\n".join(
-        [
-            f"| REC {_title(metrics)}, prompt {metrics['prompt']} | Acc@0.5 | mean IoU | centre acc "
-            "| questions (no box) |",
-            "|---|---:|---:|---:|---:|",
-            f"| model | {100 * rec['acc@0.5']:.2f}% | {rec['miou']:.4f} | {100 * rec['center_acc']:.2f}% "
-            f"| {rec['num_questions']} ({rec['no_box']}) |",
-        ]
-    )
+    lines = [
+        f"| REC {_title(metrics)}, prompt {metrics['prompt']} | Acc@0.5 | mean IoU | centre acc | questions (no box) |",
+        "|---|---:|---:|---:|---:|",
+        f"| model | {100 * rec['acc@0.5']:.2f}% | {rec['miou']:.4f} | {100 * rec['center_acc']:.2f}% "
+        f"| {rec['num_questions']} ({rec['no_box']}) |",
+    ]
+    if note := not_evaluated_note(rec.get("not_evaluated", 0)):
+        lines += ["", note]
+    return "\n".join(lines)
 
 
 def format_reg_metrics(metrics: dict[str, Any]) -> str:
@@ -207,6 +218,8 @@ def format_reg_metrics(metrics: dict[str, Any]) -> str:
         "",
         f"Tokenizer: {reg['tokenizer']}." + (f" {reg['meteor_note']}." if reg.get("meteor_note") else ""),
     ]
+    if note := not_evaluated_note(reg.get("not_evaluated", 0)):
+        lines.append(note)
     return "\n".join(lines)
 
 

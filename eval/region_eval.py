@@ -8,7 +8,6 @@ and ``metrics.md``. See :mod:`eval.region_tasks` for the questions and scores.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -17,14 +16,25 @@ from typing import Any
 
 from cloc_encoder.data.format import ReadReport, RegionTextRecord, read_region_text
 from eval.distributed import is_main_process
-from eval.mllm_cli import SetupError, add_model_arguments, check_positive, load_model, report_error
+from eval.mllm_cli import (
+    SetupError,
+    add_model_arguments,
+    check_positive,
+    generation_settings,
+    load_model,
+    report_error,
+    report_not_evaluated,
+)
 from eval.mllm_generation import (
     GenerationSettings,
     PredictionStore,
+    TooManyFailuresError,
     answer_questions,
     claim_output_folder,
     model_identity,
+    not_evaluated_note,
 )
+from eval.predictions import failed_ids, without_failed
 from eval.region_tasks import (
     constant_box_baselines,
     grounding_questions,
@@ -54,7 +64,9 @@ def evaluate_regions(
     (:mod:`eval.distributed`), which only answer their share.
 
     ``identity`` (e.g. :func:`~eval.mllm_generation.model_identity` of the model folder) is recorded with the
-    settings in ``out_dir``; a rerun with a different model or settings raises instead of resuming."""
+    settings and the model's dtype and attention implementation in ``out_dir``; a rerun with a different model or
+    settings raises instead of resuming. Questions whose image could not be read are not scored: each task's
+    ``not_evaluated`` counts them (they are asked again on the next run)."""
     unknown = [t for t in tasks if t not in REGION_TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; choose from {list(REGION_TASKS)}")
@@ -65,10 +77,11 @@ def evaluate_regions(
         out,
         {
             "model": identity or {"class": type(model).__name__},
-            "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "batch_size"},
+            "settings": settings.identity(),
             "expressions": expressions,
             "box_codec": processor.box_codec,
         },
+        model,
     )
     codec = processor.codec
     metrics: dict[str, Any] = {}
@@ -81,13 +94,14 @@ def evaluate_regions(
         predictions = answer_questions(model, processor, questions, store, settings, progress=progress)
         if predictions is None:  # not rank 0 of a data-parallel run: rank 0 scores
             continue
+        scored = without_failed(targets, predictions)
         if task == "grounding":
-            metrics[task] = score_grounding(predictions, targets, codec)
+            metrics[task] = score_grounding(predictions, scored, codec)
             if train_records:
-                metrics[task]["baselines"] = constant_box_baselines(train_records, targets)
+                metrics[task]["baselines"] = constant_box_baselines(train_records, scored)
         else:
-            metrics[task] = score_referring(predictions, targets)
-        metrics[task]["unreadable_images"] = sum(1 for p in predictions.values() if p.get("error"))
+            metrics[task] = score_referring(predictions, scored)
+        metrics[task]["not_evaluated"] = len(failed_ids(predictions))
     if not is_main_process():
         return None
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
@@ -111,6 +125,9 @@ def format_region_metrics(metrics: dict[str, Any]) -> str:
         chance = f"{100 * referring['chance']:.1f}% (chance)"
         lines.append(f"| referring | names the category | {100 * referring['accuracy']:.1f}% | {chance} |")
         lines.append(f"| referring | questions | {referring['num_questions']} | |")
+    not_evaluated = sum(m.get("not_evaluated", 0) for m in metrics.values())
+    if note := not_evaluated_note(not_evaluated):
+        lines += ["", note]
     return "\n".join(lines)
 
 
@@ -153,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         train_records = _read_records(args.train_data, None) if args.train_data else None
         if not records:
             raise SetupError(f"{args.data}: no region-text records to evaluate")
+        settings = generation_settings(args)
         model, processor = load_model(args)
         metrics = evaluate_regions(
             model,
@@ -160,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
             records,
             args.out,
             tasks=tasks,
-            settings=GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
+            settings=settings,
             train_records=train_records,
             expressions=args.expressions,
             progress=not args.no_progress,
@@ -168,14 +186,14 @@ def run(args: argparse.Namespace) -> int:
         )
     except (SetupError, ValueError) as error:
         return report_error(str(error))
+    except TooManyFailuresError as error:
+        return report_error(str(error), status=1)
     if metrics is None:  # not rank 0 of a data-parallel run
         return 0
     print(format_region_metrics(metrics))
     print(f"wrote {args.out / 'metrics.json'}")
-    unreadable = sum(m["unreadable_images"] for m in metrics.values())
-    if unreadable:
-        print(f"warning: {unreadable} questions had unreadable images (counted as misses)", file=sys.stderr)
-    return 0
+    not_evaluated = sum(m["not_evaluated"] for m in metrics.values())
+    return report_not_evaluated(not_evaluated, sum(m["num_questions"] for m in metrics.values()))
 
 
 __all__ = ["REGION_TASKS", "add_parser", "evaluate_regions", "format_region_metrics", "run"]

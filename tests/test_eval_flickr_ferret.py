@@ -472,12 +472,16 @@ def test_ferret_bench_command_line_with_a_local_judge(saved_model, judge_server,
     args = ["ferret-bench", "--model", str(saved_model), "--data", str(FERRET_DATA), "--images", str(images)]
     args += ["--judge-base-url", judge_server.base_url, "--judge-model", "judge-x", "--judge-workers", "2"]
     args += ["--out", str(tmp_path / "ferret"), "--limit", "2", "--max-new-tokens", "8", "--no-progress"]
+    assert eval_main(args) == 1  # 1 of 6 images missing: more than the default --max-failed-fraction
+    assert "1 of 6 questions could not be answered" in capsys.readouterr().err and not judge_server.requests
+    args += ["--max-failed-fraction", "0.2"]
     assert eval_main(args) == 0
     assert len(judge_server.requests) == 5 + 2  # 5 answered questions, one 500 retried, one malformed re-asked
     metrics = json.loads((tmp_path / "ferret" / "metrics.json").read_text())
     reviews = [json.loads(line) for line in (tmp_path / "ferret" / "reviews.jsonl").read_text().splitlines()]
     assert [r["id"] for r in reviews] == [i.id for i in items]
     assert reviews[0]["status"] == "unanswered" and metrics["refer_caption"]["unanswered"] == 1
+    assert items[0].image in reviews[0]["error"]  # the failure's reason
     for task in ("refer_caption", "refer_reason", "ground_conv"):
         judged = [r for r in reviews if r["task"] == task and r["status"] == "judged"]
         expected = 100 * sum(model_score(r["answer"]) for r in judged) / (8 * len(judged))
@@ -491,10 +495,13 @@ def test_ferret_bench_command_line_with_a_local_judge(saved_model, judge_server,
     assert "<region>" in refer["question"]
     assert "| **average** |" in capsys.readouterr().out
 
-    # A rerun answers nothing new and pays the judge nothing.
+    # A rerun asks again only the question whose image failed (still missing: one more failed line) and pays the
+    # judge nothing.
     assert eval_main(args) == 0
     assert len(judge_server.requests) == 7
-    assert (tmp_path / "ferret" / "predictions.jsonl").read_text().splitlines() == predictions
+    lines = (tmp_path / "ferret" / "predictions.jsonl").read_text().splitlines()
+    assert lines[: len(predictions)] == predictions and len(lines) == len(predictions) + 1
+    assert json.loads(lines[-1])["id"] == items[0].id and json.loads(lines[-1])["status"] == "failed"
     assert json.loads((tmp_path / "ferret" / "metrics.json").read_text()) == metrics
 
     no_judge = args.copy()
