@@ -40,10 +40,10 @@ from cloc_encoder.data.format import RegionTextRecord, read_region_text
 from cloc_encoder.data.synthetic import SyntheticWorldConfig, generate_world
 from cloc_encoder.data.synthetic_language import is_relational
 from cloc_encoder.image_processing import CLOCImageProcessor
-from eval.encoder_eval import DEFAULT_CLASS_PROMPT, encode_texts
-from eval.encoder_metrics import region_classification, retrieval_recall
-from train.cloc_config import load_config
-from train.cloc_pretrain import train_cloc
+from eval.encoder.evaluate import DEFAULT_CLASS_PROMPT, encode_texts
+from eval.encoder.metrics import region_classification, retrieval_recall
+from train.cloc.config import load_config
+from train.cloc.pretrain import train_cloc
 
 REPO = Path(__file__).resolve().parents[1]
 RegionEncoder = Callable[[CLOCModel, CLOCImageProcessor, RegionTextRecord], torch.Tensor]

@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -67,6 +66,7 @@ from bench.real_size import (
     stage2_trainable,
     trace_points,
 )
+from cloc_encoder.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LOG = logging.getLogger("bench.gpu_check")
@@ -358,8 +358,8 @@ def part_attention(ctx: CheckContext) -> dict[str, Any]:
 def part_qlora(ctx: CheckContext) -> dict[str, Any]:
     """(c) save → load 4-bit NF4 (``mllm.loading``) → LoRA (``train.mllm_trainable``) → one training step."""
     from mllm.loading import load_pretrained_model
-    from train.mllm_config import MLLMTrainConfig
-    from train.mllm_trainable import apply_lora, build_optimizer, configure_trainable, parameter_groups
+    from train.mllm.config import MLLMTrainConfig
+    from train.mllm.trainable import apply_lora, build_optimizer, configure_trainable, parameter_groups
 
     device, smoke = ctx.device, ctx.settings.smoke
     folder = ctx.work_dir / "qlora_base"
@@ -515,12 +515,6 @@ def part_region_precision(ctx: CheckContext) -> dict[str, Any]:
 # ----- (f) ZeRO-3 init ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def single_process_group(device: torch.device) -> Iterator[None]:
     """A one-process ``torch.distributed`` group for DeepSpeed (NCCL on a GPU, gloo on CPU), torn down after."""
@@ -528,7 +522,7 @@ def single_process_group(device: torch.device) -> Iterator[None]:
     import torch.distributed as dist
 
     variables = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}  # fmt: skip
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
     saved = {key: os.environ.get(key) for key in variables}
     created = not dist.is_initialized()
     os.environ.update({k: v for k, v in variables.items() if created or k not in os.environ})
@@ -550,7 +544,7 @@ def part_zero3_init(ctx: CheckContext) -> dict[str, Any]:
     """(f) build the model under ZeRO-3 the way the trainer does (:func:`train.mllm_zero3.sharded_build`:
     ``HfDeepSpeedConfig`` → transformers' ``deepspeed.zero.Init``)."""
     from mllm import CLOCLlavaForConditionalGeneration
-    from train.mllm_zero3 import gathered, partition_report, sharded_build
+    from train.mllm.zero3 import gathered, partition_report, sharded_build
 
     device = ctx.device
     ds_config = {

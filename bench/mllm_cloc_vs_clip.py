@@ -28,11 +28,11 @@ import torch
 from cloc_encoder.data.format import read_region_text
 from cloc_encoder.data.synthetic import SyntheticWorldConfig, generate_world
 from eval.mllm_generation import GenerationSettings
-from eval.region_eval import evaluate_regions
-from train.cloc_config import load_config
-from train.cloc_pretrain import train_cloc
-from train.mllm_conversations import conversations_from_records, write_conversations
-from train.mllm_stages import train_stages
+from eval.regions.evaluate import evaluate_regions
+from train.cloc.config import load_config
+from train.cloc.pretrain import train_cloc
+from train.mllm.conversations import conversations_from_records, write_conversations
+from train.mllm.stages import train_stages
 
 REPO = Path(__file__).resolve().parents[1]
 TOWERS = {"CLOC": [], "CLIP-only": ["max_regions_per_image=0"]}

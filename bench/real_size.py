@@ -218,8 +218,8 @@ def meta_parameter_counts(config: CLOCLlavaConfig) -> dict[str, dict[str, int]]:
 def stage2_trainable(model: CLOCLlavaForConditionalGeneration) -> dict[str, int]:
     """Set stage-2 ``requires_grad`` with the trainer's own rules (``train.mllm_trainable``): LLM + both
     projectors, ViT and prompter frozen. Returns the trainable counts per group."""
-    from train.mllm_config import MLLMTrainConfig
-    from train.mllm_trainable import configure_trainable
+    from train.mllm.config import MLLMTrainConfig
+    from train.mllm.trainable import configure_trainable
 
     return configure_trainable(model, MLLMTrainConfig(stage=2))
 

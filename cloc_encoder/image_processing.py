@@ -25,6 +25,10 @@ RESIZE_MODES = ("pad", "squash", "crop")
 PAD_POSITIONS = ("center", "top_left")
 
 
+class RegionOutsideInputError(ValueError):
+    """A region box lies wholly outside what the model sees (e.g. cut away by ``resize_mode="crop"``)."""
+
+
 @dataclass(frozen=True)
 class FrameTransform:
     """Affine map between an original image and the ``S×S`` model input, per axis.
@@ -41,12 +45,36 @@ class FrameTransform:
     offset_x: float
     offset_y: float
 
-    def boxes_to_model(self, boxes: torch.Tensor | Sequence[Sequence[float]]) -> torch.Tensor:
-        """Original-frame normalised ``(..., 4)`` → model-frame normalised, clipped to ``[0, 1]``."""
+    def _to_model_unclipped(self, boxes: torch.Tensor | Sequence[Sequence[float]]) -> torch.Tensor:
+        """Original-frame normalised ``(..., 4)`` → model-frame normalised, fp64, not clipped."""
         boxes = torch.as_tensor(boxes, dtype=torch.float64)
         scale = boxes.new_tensor([self.width * self.scale_x, self.height * self.scale_y] * 2)
         offset = boxes.new_tensor([self.offset_x, self.offset_y] * 2)
-        return ((boxes * scale + offset) / self.size).clamp(0.0, 1.0).float()
+        return (boxes * scale + offset) / self.size
+
+    def boxes_to_model(self, boxes: torch.Tensor | Sequence[Sequence[float]]) -> torch.Tensor:
+        """Original-frame normalised ``(..., 4)`` → model-frame normalised, clipped to ``[0, 1]``."""
+        return self._to_model_unclipped(boxes).clamp(0.0, 1.0).float()
+
+    def region_boxes_to_model(self, boxes: torch.Tensor | Sequence[Sequence[float]]) -> torch.Tensor:
+        """:meth:`boxes_to_model` for boxes a user refers to: a box partly outside the model input (a centre crop
+        cuts it) is clipped to its visible part; one with nothing visible raises :class:`RegionOutsideInputError`
+        naming it, instead of becoming a zero-area box at the border. Boxes are ``(R, 4)`` original-frame."""
+        original = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+        raw = self._to_model_unclipped(original)
+        clipped = raw.clamp(0.0, 1.0)
+        had_extent = original[:, 2:] > original[:, :2]  # (R, 2): x, y
+        kept_extent = clipped[:, 2:] > clipped[:, :2]
+        point_visible = (raw[:, :2] >= 0.0) & (raw[:, :2] <= 1.0)  # a zero-extent axis (a point, a line)
+        hidden = torch.where(had_extent, ~kept_extent, ~point_visible).any(dim=1)
+        if bool(hidden.any()):
+            index = int(hidden.nonzero()[0, 0])
+            box = [round(v, 4) for v in original[index].tolist()]
+            raise RegionOutsideInputError(
+                f"region {index}: box {box} lies outside the part of the {self.width}x{self.height} image the model "
+                "sees (its preprocessing crops it away)"
+            )
+        return clipped.float()
 
     def boxes_to_original(self, boxes: torch.Tensor | Sequence[Sequence[float]]) -> torch.Tensor:
         """Model-frame normalised ``(..., 4)`` → original-frame normalised, clipped to ``[0, 1]``."""

@@ -53,7 +53,7 @@ class CLOCPredictor:
     def region_embeddings(self, boxes: Sequence[Sequence[float]] | torch.Tensor) -> torch.Tensor:
         """L2-normalised region embeddings ``(R, D)`` for original-frame normalised ``xyxy`` boxes ``(R, 4)``."""
         state, transform = self._require_image()
-        model_boxes = transform.boxes_to_model(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+        model_boxes = transform.region_boxes_to_model(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4))
         image_index = torch.zeros(len(model_boxes), dtype=torch.long, device=self.device)
         embeds = self.model.region_embeddings(state, model_boxes.to(self.device), image_index)
         return F.normalize(embeds.float(), dim=-1)

@@ -22,14 +22,14 @@ from transformers import AutoTokenizer
 
 from cloc_encoder import CLOCModel
 from cloc_encoder.data.format import ReadReport, read_region_text
-from eval.encoder_eval import DEFAULT_CLASS_PROMPT, evaluate_encoder, format_encoder_metrics
-from eval.ferret_bench_eval import add_parser as add_ferret_bench_parser
-from eval.flickr30k_eval import add_parser as add_flickr30k_parser
+from cloc_encoder.run_folder import resolve_model_folder
+from eval.encoder.evaluate import DEFAULT_CLASS_PROMPT, evaluate_encoder, format_encoder_metrics
+from eval.ferret_bench.evaluate import add_parser as add_ferret_bench_parser
+from eval.flickr30k.evaluate import add_parser as add_flickr30k_parser
 from eval.plot_predictions import add_parser as add_plot_parser
-from eval.refcoco_cli import add_refcoco_parsers
-from eval.region_eval import add_parser as add_regions_parser
-from eval.zeroshot_cli import add_parser as add_zeroshot_parser
-from train.checkpoint import resolve_model_folder
+from eval.refcoco.cli import add_refcoco_parsers
+from eval.regions.evaluate import add_parser as add_regions_parser
+from eval.zeroshot.cli import add_parser as add_zeroshot_parser
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -2,7 +2,7 @@
 ``accelerate launch`` on several GPUs (or CPU processes).
 
 The launch is read from the environment the launchers set (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
-``MASTER_ADDR``/``MASTER_PORT``); the process group is started by :func:`train.runtime.init_distributed`
+``MASTER_ADDR``/``MASTER_PORT``); the process group is started by :func:`cloc_encoder.distributed.init_distributed`
 (``nccl`` on CUDA, ``gloo`` on CPU; rank ``r`` uses ``cuda:LOCAL_RANK``). The generation layer
 (:func:`eval.mllm_generation.answer_questions`) reads the rank from the started process group: each rank answers
 its share of the questions into its own shard file (:mod:`eval.predictions`), and rank 0 merges the shards, scores
@@ -16,7 +16,7 @@ import os
 import torch
 from torch import distributed as dist
 
-from train.runtime import DistributedContext, init_distributed
+from cloc_encoder.distributed import DistributedContext, init_distributed
 
 LAUNCH_DEVICES = (None, "auto", "cuda", "cpu")
 

@@ -27,10 +27,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from cloc_encoder.run_folder import resolve_model_folder
 from mllm import CLOCLlavaProcessor
 from mllm.box_codec import BOX_PATTERN, BoxCodec, get_box_codec
 from mllm.loading import load_pretrained_model
-from train.checkpoint import resolve_model_folder
 
 MODEL_ID = "cloc_llava"
 CLASS_PATH = "eval.lmms_eval_plugin.CLOCLlava"

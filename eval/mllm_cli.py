@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 from transformers.utils.logging import disable_progress_bar
 
+from cloc_encoder.run_folder import resolve_model_folder
 from eval.distributed import launch_context
 from eval.mllm_generation import DEFAULT_MAX_FAILED_FRACTION, GenerationSettings
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor
 from mllm.defaults import DEFAULT_CHECKPOINT
 from mllm.loading import ATTN_IMPLEMENTATIONS, load_pretrained_model, resolve_attn_implementation
-from train.checkpoint import resolve_model_folder
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 

@@ -4,7 +4,7 @@ file keyed by question id, resumed after an interruption without recomputing or 
 A :class:`Question` is one user turn about one image; regions in it are written ``[x1, y1, x2, y2] <region>`` (the
 processor's :meth:`~mllm.CLOCLlavaProcessor.format_region`), with ``boxes`` the exact normalised original-frame
 boxes of its ``<region>`` tokens. The prompt is rendered by the processor's chat template exactly as in training
-(:meth:`train.mllm_conversations.ConversationRecord.messages`): ``[{"type": "image"}, {"type": "text", ...}]`` in
+(:meth:`train.mllm.conversations.ConversationRecord.messages`): ``[{"type": "image"}, {"type": "text", ...}]`` in
 the user turn, then the generation prompt.
 
 Batches are left-padded; in float32 greedy outputs do not depend on the batch size (``tests/test_mllm_model.py``
@@ -36,11 +36,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from cloc_encoder.data.format import atomic_write_text
+from cloc_encoder.data.images import IMAGE_ERRORS
 from eval.distributed import barrier, data_parallel_rank
 from eval.predictions import FAILED, PredictionStore, answered_ids, failed_ids, merge_shards, shard_path
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor
-
-IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from cloc_encoder.boxes import box_iou_pairwise
-from eval.mllm_generation import IMAGE_ERRORS, RUN_FILE
+from cloc_encoder.data.images import IMAGE_ERRORS
+from eval.mllm_generation import RUN_FILE
 from eval.predictions import PredictionStore
 from mllm.box_codec import DEFAULT_BOX_CODEC, Box, BoxCodec, get_box_codec
 

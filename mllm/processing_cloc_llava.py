@@ -183,7 +183,7 @@ class CLOCLlavaProcessor(ProcessorMixin):
                         f"text {sample} has {len(sample_boxes)} regions and {images_per_sample[sample]} "
                         "images; regions need exactly one image in their text"
                     )
-                region_boxes.append(transforms[first_image].boxes_to_model(sample_boxes))
+                region_boxes.append(transforms[first_image].region_boxes_to_model(sample_boxes))
                 region_index.extend([first_image] * len(sample_boxes))
             first_image += images_per_sample[sample]
 

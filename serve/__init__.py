@@ -19,4 +19,15 @@ class InputError(ValueError):
     """Bad user input (an image, a region, a message, a setting). The message is safe to show to the user."""
 
 
-__all__ = ["DEFAULT_MODEL", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "InputError"]
+class ModelLoadError(ValueError):
+    """A model folder that exists but cannot be served; the message names the file and what is wrong."""
+
+
+def one_line(error: BaseException | str, limit: int = 400) -> str:
+    """``error``'s message on one line (whitespace runs collapsed), at most ``limit`` characters: what the command
+    lines print after ``error:``."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+__all__ = ["DEFAULT_MODEL", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "InputError", "ModelLoadError", "one_line"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
@@ -50,34 +50,97 @@ def to_pixels(box: Sequence[float], image_size: tuple[int, int]) -> Box:
     return (x1 * width, y1 * height, x2 * width, y2 * height)
 
 
-def check_box(box: Sequence[float], where: str = "region") -> Box:
-    """A user's normalised box, cleaned: 4 finite numbers, corners put in order, clipped to the image.
+EDGE_TOLERANCE = 1e-6
+"""How far past the image's border (in normalised units) a coordinate may lie and still count as on it: rounding in
+a client's pixel → normalised conversion, never a real overshoot. Such values are snapped to the border."""
 
-    Raises :class:`~serve.InputError` (naming ``where``) when the box is malformed, lies outside the image, or has
-    zero area once clipped.
-    """
-    try:
-        values = [float(v) for v in box]
-    except (TypeError, ValueError) as error:
-        raise InputError(f"{where}: a box is 4 numbers [x1, y1, x2, y2], got {box!r}") from error
+BOX_FORMATS = ("normalized", "normalised", "pixels")
+"""Values of the API's ``box_format`` field: normalised ``xyxy`` (the default; both spellings) or pixel ``xyxy``."""
+
+
+def _four_numbers(box: object, where: str) -> list[float]:
+    """The 4 finite numbers of ``box``, or :class:`~serve.InputError` naming ``where``."""
+    values: list[float] = []
+    if isinstance(box, Iterable) and not isinstance(box, (str, bytes)):
+        try:
+            values = [float(v) for v in box]
+        except (TypeError, ValueError):
+            values = []
     if len(values) != 4 or not all(math.isfinite(v) for v in values):
-        raise InputError(f"{where}: a box is 4 finite numbers [x1, y1, x2, y2], got {list(box)!r}")
-    x1, x2 = sorted(min(max(v, 0.0), 1.0) for v in values[0::2])
-    y1, y2 = sorted(min(max(v, 0.0), 1.0) for v in values[1::2])
-    if not (x1 < x2 and y1 < y2):
+        raise InputError(f"{where}: a box is 4 finite numbers [x1, y1, x2, y2], got {box!r}")
+    return values
+
+
+def _shown(values: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
+
+
+def check_box(box: Sequence[float], where: str = "region", hint: str = "") -> Box:
+    """A user's normalised box, checked: 4 finite numbers in ``[0, 1]``, corners put in order, non-zero area.
+
+    A box reaching outside the image is refused, never clipped: a client sending pixels, or another convention,
+    would otherwise get a different region without a word. Raises :class:`~serve.InputError` naming ``where`` and
+    the box (``hint`` is appended to the message of a box outside ``[0, 1]``).
+    """
+    values = _four_numbers(box, where)
+    if not all(-EDGE_TOLERANCE <= v <= 1 + EDGE_TOLERANCE for v in values):
         raise InputError(
-            f"{where}: box {values!r} is outside the image or has zero area "
-            "(normalised boxes are xyxy in [0, 1] of the image's width and height)"
+            f"{where}: box {_shown(values)} is not inside the image: a normalised box is xyxy with every value in "
+            f"[0, 1] (fractions of the image's width and height){hint}"
         )
+    snapped = [min(max(v, 0.0), 1.0) for v in values]
+    x1, x2 = sorted(snapped[0::2])
+    y1, y2 = sorted(snapped[1::2])
+    if not (x1 < x2 and y1 < y2):
+        raise InputError(f"{where}: box {_shown(values)} has zero area (x1 = x2 or y1 = y2)")
     return (x1, y1, x2, y2)
 
 
+def pixel_box(box: Sequence[float], image_size: tuple[int, int], where: str = "region") -> Box:
+    """A pixel ``xyxy`` box of an image of ``(width, height)`` → a checked normalised box (:func:`check_box`).
+
+    Raises :class:`~serve.InputError` naming ``where``, the box and the image size when the box reaches outside
+    the image or has zero area."""
+    values = _four_numbers(box, where)
+    width, height = image_size
+    tolerance = EDGE_TOLERANCE * max(width, height)
+    inside = all(-tolerance <= v <= width + tolerance for v in values[0::2]) and all(
+        -tolerance <= v <= height + tolerance for v in values[1::2]
+    )
+    if not inside:
+        raise InputError(
+            f"{where}: pixel box {_shown(values)} is not inside the {width}x{height} image "
+            f"(x in [0, {width}], y in [0, {height}])"
+        )
+    return check_box([values[0] / width, values[1] / height, values[2] / width, values[3] / height], where=where)
+
+
+def normalise_boxes(
+    boxes: Sequence[Sequence[float]],
+    box_format: str = "normalized",
+    image_size: tuple[int, int] | None = None,
+    where: str = "regions",
+) -> list[Box]:
+    """Check a request's boxes and return them normalised: ``box_format`` ``"normalized"`` (or ``"normalised"``)
+    boxes must lie in ``[0, 1]``; ``"pixels"`` boxes are converted by ``image_size`` ``(width, height)`` and must lie
+    inside the image. Box ``k`` is named ``{where}[k]`` in errors (:class:`~serve.InputError`)."""
+    if box_format not in BOX_FORMATS:
+        raise InputError(f"box_format {box_format!r} is not supported; use 'normalized' (the default) or 'pixels'")
+    if box_format == "pixels":
+        if image_size is None:
+            raise InputError("box_format 'pixels' needs an image to measure the boxes against")
+        return [pixel_box(box, image_size, f"{where}[{k}]") for k, box in enumerate(boxes)]
+    hint = '; to send pixel boxes, add "box_format": "pixels" to the request'
+    return [check_box(box, f"{where}[{k}]", hint=hint) for k, box in enumerate(boxes)]
+
+
 def parse_region_spec(spec: str | Sequence[float], image_size: tuple[int, int]) -> Box:
-    """A box typed by a user, in pixels or normalised, → a checked normalised box (:func:`check_box`).
+    """A box typed by a user, in pixels or normalised, → a checked normalised box.
 
     ``spec`` is ``"[x1, y1, x2, y2]"`` (brackets optional; commas or spaces) or 4 numbers. The rule: when every
-    value is at most 1 the box is normalised (``[0, 0, 1, 1]`` is the whole image), otherwise it is in pixels of the
-    ``(width, height)`` image. Raises :class:`~serve.InputError` for anything else.
+    value is at most 1 the box is normalised (``[0, 0, 1, 1]`` is the whole image; :func:`check_box`), otherwise it
+    is in pixels of the ``(width, height)`` image (:func:`pixel_box`). A box reaching outside the image is refused,
+    not clipped. Raises :class:`~serve.InputError` for anything else.
     """
     if isinstance(spec, str):
         parts = [p for p in re.split(r"[\s,]+", spec.strip().strip("[]()").strip()) if p]
@@ -89,17 +152,10 @@ def parse_region_spec(spec: str | Sequence[float], image_size: tuple[int, int]) 
         raise InputError(f"region {spec!r}: expected 4 numbers [x1, y1, x2, y2]") from error
     if len(values) != 4:
         raise InputError(f"region {spec!r}: expected 4 numbers [x1, y1, x2, y2], got {len(values)}")
-    where = f"region {spec!r}" if isinstance(spec, str) else f"region {values!r}"
+    where = f"region {spec!r}" if isinstance(spec, str) else "region"
     if max(values) <= 1:
         return check_box(values, where=where)
-    width, height = image_size
-    try:
-        return check_box([values[0] / width, values[1] / height, values[2] / width, values[3] / height], where=where)
-    except InputError as error:
-        raise InputError(
-            f"{where} (pixels) lies outside the {width}x{height} image or has zero area; "
-            "values that are all at most 1 are read as normalised"
-        ) from error
+    return pixel_box(values, image_size, where=where)
 
 
 def _phrase(segment: str) -> str:
@@ -173,12 +229,16 @@ def draw_boxes(
 
 __all__ = [
     "BOX_COLOUR",
+    "BOX_FORMATS",
+    "EDGE_TOLERANCE",
     "REGION_COLOUR",
     "Box",
     "GroundedBox",
     "check_box",
     "draw_boxes",
     "grounded_boxes",
+    "normalise_boxes",
     "parse_region_spec",
+    "pixel_box",
     "to_pixels",
 ]

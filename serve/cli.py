@@ -2,10 +2,15 @@
 
     python -m serve.cli [--model runs/mllm_tiny_stage2] --image FILE [--draw OUT.png] [--temperature 0]
         [--top-p 1] [--max-new-tokens 128]
+    python -m serve.cli --server http://HOST:8000/v1 [--server-kind serve-api|vllm] [--server-model NAME] ...
+
+With ``--server`` the model runs behind an OpenAI-compatible server (``serve.api``, or vLLM with the project's
+plugin) instead of in this process (:class:`serve.backends.RemoteBackend`); everything else is the same.
 
 Lines are read from standard input (so a file or a pipe works too). A box the user types in a message,
 ``[x1, y1, x2, y2]``, becomes a region the model sees (``[x1, y1, x2, y2] <region>``): in pixels of the image, or
-normalised when every value is at most 1 (:func:`serve.boxes.parse_region_spec`). The answer streams to standard
+normalised when every value is at most 1 (:func:`serve.boxes.parse_region_spec`); a box reaching outside the image
+is refused, not clipped. The answer streams to standard
 output; the boxes it grounds are then listed in pixels and, with ``--draw``, drawn into a file (with this turn's
 regions). Commands: ``/help``, ``/reset``, ``/regions``, ``/image FILE``, ``/quit``.
 """
@@ -22,7 +27,8 @@ from typing import TextIO
 from PIL import Image
 
 from mllm.box_codec import BOX_PATTERN
-from serve import DEFAULT_MODEL, MAX_IMAGE_PIXELS
+from serve import DEFAULT_MODEL, MAX_IMAGE_PIXELS, one_line
+from serve.backends import ChatBackend, add_backend_arguments, remote_backend
 from serve.boxes import Box, to_pixels
 from serve.engine import ChatEngine, InputError, SamplingSettings, Turn, parse_region_spec
 
@@ -62,7 +68,7 @@ class TerminalChat:
 
     def __init__(
         self,
-        engine: ChatEngine,
+        engine: ChatBackend,
         image: Image.Image,
         settings: SamplingSettings,
         draw_path: Path | None = None,
@@ -123,7 +129,7 @@ class TerminalChat:
     def answer(self, line: str) -> None:
         """Answer one message: stream the reply, list grounded boxes, draw them when asked."""
         try:
-            message, regions = typed_regions(line, self.image.size, self.engine.processor.region_token)
+            message, regions = typed_regions(line, self.image.size, self.engine.region_token)
             turn = self.engine.make_turn(message, regions, "")
             generation = self.engine.prepare(self.image, self.history, message, regions, self.settings, self.system)
         except InputError as error:
@@ -139,6 +145,9 @@ class TerminalChat:
         except KeyboardInterrupt:
             texts.close()
             self.say(" [interrupted]")
+            return
+        except InputError as error:  # a remote server failing during the answer
+            self.say(f" [error: {error}]")
             return
         self.say()
         self.history.append(turn._replace(assistant=generation.text))
@@ -166,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, help="image width × height limit")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="model dtype")
+    add_backend_arguments(parser)
     return parser
 
 
@@ -173,10 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = SamplingSettings(args.temperature, args.top_p, args.max_new_tokens)
-        engine = ChatEngine.load(args.model, args.device, args.dtype, max_image_pixels=args.max_image_pixels)
+        engine: ChatBackend
+        if args.server:
+            engine = remote_backend(args, max_image_pixels=args.max_image_pixels)
+        else:
+            engine = ChatEngine.load(args.model, args.device, args.dtype, max_image_pixels=args.max_image_pixels)
         image = engine.open_image(args.image)
-    except (OSError, ValueError) as error:  # InputError is a ValueError
-        print(f"error: {error}", file=sys.stderr)
+    except (OSError, ValueError) as error:  # InputError and ModelLoadError are ValueErrors
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     interactive = sys.stdin.isatty()
     chat = TerminalChat(engine, image, settings, args.draw, args.system)

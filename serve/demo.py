@@ -1,6 +1,8 @@
 """The Gradio demo: upload an image, draw regions, chat about them, see the answer's boxes drawn on the image.
 
-``python -m serve.demo [--model PATH] [--host H] [--port N] [--share]``. The model defaults to
+``python -m serve.demo [--model PATH] [--host H] [--port N] [--share]``; with ``--server URL`` (and
+``--server-kind serve-api|vllm``) the model runs behind an OpenAI-compatible server instead of in this process
+(:mod:`serve.backends`). The model defaults to
 ``runs/mllm_tiny_stage2`` (what ``bash scripts/quickstart.sh`` trains). The server binds ``127.0.0.1`` unless
 ``--host`` says otherwise; ``--share`` adds a public gradio.live link. Answers stream through a queue whose
 generation slots are limited (``--concurrency``, default 1: the engine generates one answer at a time anyway).
@@ -8,7 +10,7 @@ generation slots are limited (``--concurrency``, default 1: the engine generates
 On the image (:mod:`serve.demo_canvas`) a drag draws a box and a click a point (a small box); each region is listed
 as ``[region0]``, ``[region1]``, ... and a message refers to it by that name; the engine writes it for the model
 as ``[x1, y1, x2, y2] <region>`` (DESIGN.md: normalised ``xyxy`` of the original image, the model's box codec).
-:func:`build_demo` builds the page around any :class:`~serve.engine.ChatEngine` (tests pass a tiny one).
+:func:`build_demo` builds the page around any :class:`~serve.backends.ChatBackend` (tests pass a tiny engine).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
-from serve import DEFAULT_MODEL, MAX_IMAGE_BYTES, InputError
+from serve import DEFAULT_MODEL, MAX_IMAGE_BYTES, InputError, one_line
+from serve.backends import ChatBackend, add_backend_arguments, remote_backend
 from serve.boxes import Box, GroundedBox
 from serve.demo_canvas import CANVAS_CSS, CANVAS_JS, CANVAS_TEMPLATE, display_copy, region_from_event, to_data_url
 from serve.engine import ChatEngine, SamplingSettings
@@ -61,7 +64,7 @@ class DemoHandlers:
     """The demo's event handlers, as plain methods (each returns the new values of its outputs) so that they can
     be tested without a browser."""
 
-    def __init__(self, engine: ChatEngine) -> None:
+    def __init__(self, engine: ChatBackend) -> None:
         self.engine = engine
 
     # ----- views --------------------------------------------------------------------------------------------------
@@ -184,12 +187,17 @@ class DemoHandlers:
         canvas = self.canvas(state)
         yield self._outputs(state, "", pending=(message, ""), canvas=canvas)
         answer = ""
-        for answer in generation:
-            boxes = self.engine.grounded_boxes(answer)
-            if boxes != state.answer_boxes:
-                state.answer_boxes = boxes
-                canvas = self.canvas(state)
-            yield self._outputs(state, "", pending=(message, answer), canvas=canvas)
+        try:
+            for answer in generation:
+                boxes = self.engine.grounded_boxes(answer)
+                if boxes != state.answer_boxes:
+                    state.answer_boxes = boxes
+                    canvas = self.canvas(state)
+                yield self._outputs(state, "", pending=(message, answer), canvas=canvas)
+        except InputError as error:  # a remote server failing during the answer: the turn is not kept
+            state.answer_boxes = []
+            yield self._outputs(state, message, status=_warn(str(error)))
+            return
         answer = generation.text or answer
         state.turns.append((message, regions, answer))
         state.answer_boxes = self.engine.grounded_boxes(answer)
@@ -207,7 +215,7 @@ class DemoHandlers:
         return state, self.chat_messages(state, pending), canvas, message_box, self.boxes_text(state), status
 
 
-def build_demo(engine: ChatEngine, title: str = "CLOC-LLaVA", concurrency: int = 1) -> gr.Blocks:
+def build_demo(engine: ChatBackend, title: str = "CLOC-LLaVA", concurrency: int = 1) -> gr.Blocks:
     """The demo page around ``engine``; at most ``concurrency`` answers are generated at once (queue it and launch
     it, as :func:`launch` does)."""
     handlers = DemoHandlers(engine)
@@ -302,6 +310,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs network)")
     parser.add_argument("--concurrency", type=int, default=1, help="answers generated at once (default 1)")
     parser.add_argument("--max-queue", type=int, default=16, help="events waiting in the queue at most")
+    add_backend_arguments(parser)
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.max_queue < 1:
         parser.error("--concurrency and --max-queue must be at least 1")
@@ -311,11 +320,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        engine = ChatEngine.load(args.model, device=args.device, dtype=args.dtype)
-    except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
+        engine: ChatBackend
+        if args.server:
+            engine = remote_backend(args)
+        else:
+            engine = ChatEngine.load(args.model, device=args.device, dtype=args.dtype)
+    except (OSError, ValueError) as error:  # a missing or broken model folder, a bad --device / --dtype
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
-    launch(build_demo(engine, concurrency=args.concurrency), args.host, args.port, args.share, args.max_queue)
+    try:
+        launch(build_demo(engine, concurrency=args.concurrency), args.host, args.port, args.share, args.max_queue)
+    except OSError as error:  # e.g. the port is taken
+        print(f"error: cannot serve on {args.host}:{args.port}: {one_line(error)}", file=sys.stderr)
+        return 2
     return 0
 
 

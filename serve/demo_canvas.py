@@ -120,7 +120,9 @@ def region_from_event(data: Mapping[str, Any]) -> Box:
         cx, cy = (values[0] + values[2]) / 2, (values[1] + values[3]) / 2
         half = POINT_BOX_SIDE / 2
         values = [cx - half, cy - half, cx + half, cy + half]
-    return check_box(values, where="the drawn region")
+    # A gesture is clipped to the image (a drag that leaves it, a point box at its edge); numbers from clients are
+    # refused instead (check_box).
+    return check_box([min(max(v, 0.0), 1.0) for v in values], where="the drawn region")
 
 
 def display_copy(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:

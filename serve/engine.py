@@ -14,6 +14,7 @@ queue instead of interleaving.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -25,15 +26,18 @@ from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError, safe_open
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from cloc_encoder.image_processing import RegionOutsideInputError
+from cloc_encoder.run_folder import resolve_model_folder
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor
 from mllm.box_codec import BOX_PATTERN
+from mllm.configuration_cloc_llava import CLOCLlavaConfig
 from mllm.loading import load_pretrained_model
-from serve import DEFAULT_MODEL, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, InputError
+from serve import DEFAULT_MODEL, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, InputError, ModelLoadError, one_line
 from serve.boxes import Box, GroundedBox, check_box, draw_boxes, grounded_boxes, parse_region_spec
 from serve.images import check_pixels, load_image
-from train.checkpoint import resolve_model_folder
 
 MAX_NEW_TOKENS = 4096
 _REPO = Path(__file__).resolve().parents[1]
@@ -142,6 +146,46 @@ class Generation:
         self.finish_reason = "length" if not ended and self.completion_tokens >= self.max_new_tokens else "stop"
 
 
+def _device(device: str | torch.device | None) -> torch.device:
+    """The torch device to load on (default: CUDA when available, else CPU); ``ValueError`` for a bad name or a
+    CUDA device on a machine without one."""
+    try:
+        chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        raise ValueError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from error
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is visible to torch")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return chosen
+
+
+def _check_model_folder(folder: Path) -> None:
+    """Refuse, naming the file, a folder whose ``config.json`` is not a CLOC-LLaVA config or whose safetensors
+    files are damaged, before transformers builds anything: a config of another ``model_type`` would otherwise
+    build a default-sized (7B) model and run out of memory. Raises :class:`~serve.ModelLoadError`."""
+    config_file = folder / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"{config_file}: not a readable JSON file ({one_line(error)})") from error
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != CLOCLlavaConfig.model_type:
+        raise ModelLoadError(
+            f"{config_file}: model_type is {model_type!r}, not {CLOCLlavaConfig.model_type!r}: not a CLOC-LLaVA "
+            "model (llava-hf checkpoints convert with python -m mllm.convert_llava_hf)"
+        )
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not any(folder.glob("pytorch_model*.bin")):
+        raise ModelLoadError(f"{folder}: no model weights (model.safetensors)")
+    for file in weights:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (OSError, SafetensorError) as error:
+            raise ModelLoadError(f"{file}: not a complete safetensors file ({one_line(error)})") from error
+
+
 class ChatEngine:
     """A CLOC-LLaVA model and processor behind a chat interface (see the module docstring)."""
 
@@ -167,6 +211,11 @@ class ChatEngine:
         )
 
     @property
+    def region_token(self) -> str:
+        """The region token the model reads (``<region>``)."""
+        return self.processor.region_token
+
+    @property
     def busy(self) -> bool:
         """Whether a generation is running (others wait for it)."""
         return self._lock.locked()
@@ -183,7 +232,9 @@ class ChatEngine:
 
         ``device`` defaults to CUDA when available, else CPU; ``dtype`` to bfloat16 on a GPU that supports it, else
         float32. ``kwargs`` go to :class:`ChatEngine`. A missing model raises :class:`FileNotFoundError` saying how
-        to get one.
+        to get one; a folder that cannot be served raises :class:`~serve.ModelLoadError` naming the file and what
+        is wrong (another ``model_type``, damaged weights, a missing tokenizer, ...); a bad ``device`` or ``dtype``
+        a ``ValueError``.
         """
         given = Path(path)
         if str(path) == DEFAULT_MODEL and not given.exists() and (_REPO / DEFAULT_MODEL).exists():
@@ -196,7 +247,8 @@ class ChatEngine:
                 else "pass a CLOC-LLaVA folder written by save_pretrained, or a stage-2 training run folder"
             )
             raise FileNotFoundError(f"no CLOC-LLaVA model at {given}: {hint}")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        _check_model_folder(folder)
+        device = _device(device)
         if dtype is None:
             cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
             dtype = torch.bfloat16 if cuda_bf16 else torch.float32
@@ -204,8 +256,17 @@ class ChatEngine:
             if dtype not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"dtype={dtype!r}; expected float32, bfloat16 or float16")
             dtype = getattr(torch, dtype)
-        model = load_pretrained_model(folder, dtype=dtype, local_files_only=True)
-        processor = CLOCLlavaProcessor.from_pretrained(folder, local_files_only=True)
+        try:
+            processor = CLOCLlavaProcessor.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
+            raise ModelLoadError(
+                f"{folder}: cannot load the processor (tokenizer.json, tokenizer_config.json, processor_config.json, "
+                f"chat template): {one_line(error)}"
+            ) from error
+        try:
+            model = load_pretrained_model(folder, dtype=dtype, local_files_only=True)
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
+            raise ModelLoadError(f"{folder}: cannot load the model: {one_line(error)}") from error
         if kwargs.get("name") is None:
             kwargs["name"] = given.name
         return cls(model.to(device), processor, **kwargs)
@@ -321,9 +382,12 @@ class ChatEngine:
         if image is not None:
             check_pixels(image.size, self.max_image_pixels)
             image = image.convert("RGB")
-        inputs = dict(
-            self.processor(images=None if image is None else [image], text=[text], boxes=[boxes] if boxes else None)
-        )
+        try:
+            inputs = dict(
+                self.processor(images=None if image is None else [image], text=[text], boxes=[boxes] if boxes else None)
+            )
+        except RegionOutsideInputError as error:  # a region that the model's centre crop cuts away
+            raise InputError(str(error)) from error
         parameter = next(self.model.parameters())
         inputs = {key: value.to(parameter.device) for key, value in inputs.items()}
         if "pixel_values" in inputs:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from cloc_encoder.data.images import IMAGE_ERRORS
 from serve import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, InputError
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
@@ -40,14 +41,14 @@ def load_image(
         raise InputError(f"the image is {len(data)} bytes; at most {max_bytes} are accepted")
     try:
         opened = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except IMAGE_ERRORS as error:
         raise InputError(f"could not decode the image ({', '.join(IMAGE_FORMATS)} are accepted): {error}") from error
     with opened:
         check_pixels(opened.size, max_pixels)
         try:
             opened.load()
             return ImageOps.exif_transpose(opened).convert("RGB")
-        except (OSError, SyntaxError, ValueError, EOFError) as error:
+        except IMAGE_ERRORS as error:
             raise InputError(f"the image is corrupt or truncated: {error}") from error
 
 

@@ -3,27 +3,30 @@
 Request fields read: ``messages`` (roles ``system``/``developer``, ``user``, ``assistant``; content a string or
 parts ``{"type": "text"}`` / ``{"type": "image_url", "image_url": {"url": ...}}``), ``temperature`` (default 0:
 greedy), ``top_p``, ``max_tokens`` / ``max_completion_tokens`` (default 128), ``n`` (1 only), ``stream``,
-``stream_options.include_usage``, and the extension ``regions``: a list of normalised ``[x1, y1, x2, y2]`` boxes
-that user texts refer to as ``[region0]``, ``[region1]``, ... (one list for the whole conversation). ``model`` and
-other fields are accepted and ignored. Responses add the extension ``grounded_boxes``.
+``stream_options.include_usage``, and the extensions ``regions``: a list of ``[x1, y1, x2, y2]`` boxes that user
+texts refer to as ``[region0]``, ``[region1]``, ... (one list for the whole conversation), and ``box_format``:
+``"normalized"`` (default; every value in ``[0, 1]``) or ``"pixels"`` (of the image). A box reaching outside the
+image is refused, never clipped. ``model`` and other fields are accepted and ignored. Responses add the extension
+``grounded_boxes``.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
+import os
 import time
-import urllib.error
-import urllib.request
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from serve.boxes import GroundedBox, to_pixels
+from serve.boxes import Box, GroundedBox, normalise_boxes, to_pixels
 from serve.engine import ChatEngine, InputError, SamplingSettings, Turn
+from serve.image_sources import IPNetwork, fetch_url, read_local_file
 
 DEFAULT_MAX_TOKENS = 128
 
@@ -42,11 +45,37 @@ class APIError(Exception):
 
 @dataclass(frozen=True)
 class ImagePolicy:
-    """Where images may come from: data URIs always; server-side files and remote URLs only when enabled."""
+    """Where images may come from: data URIs always; files under ``local_files_root`` and public http(s) URLs only
+    when enabled (:mod:`serve.image_sources`).
 
-    allow_local_files: bool = False
+    ``local_files_root``: the folder server-side files are read from (``--allow-local-files ROOT``; ``None``: no
+    files); it is resolved here and must be a folder (``ValueError`` otherwise). ``remote_timeout_s``: one deadline
+    for a whole download. ``allowed_networks``: address ranges (``"10.0.0.0/8"``) a download may reach although
+    they are not public, e.g. an internal image host; cloud metadata addresses stay refused.
+    """
+
+    local_files_root: str | os.PathLike[str] | None = None
     allow_remote_urls: bool = False
     remote_timeout_s: float = 10.0
+    allowed_networks: tuple[str, ...] = ()
+    _networks: tuple[IPNetwork, ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.local_files_root is not None:
+            root = Path(self.local_files_root).expanduser()
+            if not root.is_dir():
+                raise ValueError(f"{root}: not a folder (the root for --allow-local-files)")
+            object.__setattr__(self, "local_files_root", root.resolve(strict=True))
+        try:
+            networks = tuple(ipaddress.ip_network(n, strict=False) for n in self.allowed_networks)
+        except ValueError as error:
+            raise ValueError(f"a network to allow is not an address range: {error}") from error
+        object.__setattr__(self, "_networks", networks)
+
+    @property
+    def networks(self) -> tuple[IPNetwork, ...]:
+        """:attr:`allowed_networks` parsed."""
+        return self._networks
 
 
 @dataclass
@@ -109,40 +138,43 @@ def _parts(content: Any, where: str) -> tuple[str, list[str]]:
     return "\n".join(texts), images
 
 
-def image_source(url: str, policy: ImagePolicy, max_bytes: int) -> bytes | Path:
-    """What an ``image_url`` names: the bytes of a data URI (or, when ``policy`` allows, of an http(s) URL), or
-    the path of a server-side file (``file://`` or a plain path; only when ``policy`` allows)."""
+def _data_uri(url: str) -> bytes:
+    header, comma, payload = url.partition(",")
+    if not comma or not header.endswith(";base64"):
+        raise APIError(400, "image data URIs must be base64: data:image/png;base64,...", param="image_url")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise APIError(400, f"the image data URI is not valid base64: {error}", param="image_url") from error
+
+
+def image_source(url: str, policy: ImagePolicy, max_bytes: int) -> bytes:
+    """The encoded bytes an ``image_url`` names: a data URI; an http(s) URL, fetched when ``policy`` allows; a
+    server-side path or ``file://`` URL, read from under the policy's root when it allows. Raises :class:`APIError`.
+    """
     if url.startswith("data:"):
-        header, comma, payload = url.partition(",")
-        if not comma or not header.endswith(";base64"):
-            raise APIError(400, "image data URIs must be base64: data:image/png;base64,...", param="image_url")
-        try:
-            return base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError) as error:
-            raise APIError(400, f"the image data URI is not valid base64: {error}", param="image_url") from error
+        return _data_uri(url)
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-    if scheme in ("http", "https"):
-        if not policy.allow_remote_urls:
-            raise APIError(
-                400, "fetching image URLs is disabled on this server (start it with --allow-remote-urls)", "image_url"
-            )
-        try:
-            with urllib.request.urlopen(url, timeout=policy.remote_timeout_s) as response:
-                data = response.read(max_bytes + 1)
-        except (urllib.error.URLError, OSError, ValueError) as error:
-            raise APIError(400, f"could not fetch the image URL: {error}", param="image_url") from error
-        if len(data) > max_bytes:
-            raise APIError(400, f"the image at the URL is larger than {max_bytes} bytes", param="image_url")
-        return data
-    if scheme in ("file", "") or len(scheme) == 1:  # file://, a plain path, or a Windows drive letter
-        if not policy.allow_local_files:
-            raise APIError(
-                400,
-                "reading server-side files is disabled on this server (send the image as a data URI, or start "
-                "the server with --allow-local-files)",
-                param="image_url",
-            )
-        return Path(url[len("file://") :] if url.startswith("file://") else url)
+    try:
+        if scheme in ("http", "https"):
+            if not policy.allow_remote_urls:
+                raise APIError(
+                    400,
+                    "fetching image URLs is disabled on this server (start it with --allow-remote-urls)",
+                    "image_url",
+                )
+            return fetch_url(url, max_bytes, policy.remote_timeout_s, policy.networks)
+        if scheme in ("file", "") or len(scheme) == 1:  # file://, a plain path, or a Windows drive letter
+            if policy.local_files_root is None:
+                raise APIError(
+                    400,
+                    "reading server-side files is disabled on this server (send the image as a data URI, or start "
+                    "the server with --allow-local-files ROOT)",
+                    param="image_url",
+                )
+            return read_local_file(url, Path(policy.local_files_root), max_bytes)
+    except InputError as error:
+        raise APIError(400, f"image_url: {error}", param="image_url") from error
     raise APIError(400, f"unsupported image URL scheme {scheme!r}; send a data:image/...;base64 URI", "image_url")
 
 
@@ -152,6 +184,15 @@ def _open(engine: ChatEngine, url: str, policy: ImagePolicy) -> Image.Image:
         return engine.open_image(source)
     except InputError as error:
         raise APIError(400, f"image: {error}", param="image_url") from error
+
+
+def _regions(raw: list[Any], box_format: str, image_size: tuple[int, int] | None) -> list[Box]:
+    """The request's ``regions`` checked and normalised (:func:`serve.boxes.normalise_boxes`); 400 otherwise."""
+    try:
+        return normalise_boxes(raw, box_format, image_size)
+    except InputError as error:
+        param = "box_format" if str(error).startswith("box_format") else "regions"
+        raise APIError(400, str(error), param=param) from error
 
 
 def parse_chat_request(body: Any, engine: ChatEngine, policy: ImagePolicy) -> ChatRequest:
@@ -187,25 +228,32 @@ def parse_chat_request(body: Any, engine: ChatEngine, policy: ImagePolicy) -> Ch
         raise APIError(400, "the messages hold no user message", param="messages")
     if turns[0][0] != "user" or turns[-1][0] != "user":
         raise APIError(400, "the conversation must start and end with a user message", param="messages")
-    regions = body.get("regions") or []
-    if not isinstance(regions, list):
-        raise APIError(400, "'regions' must be a list of [x1, y1, x2, y2] boxes (normalised)", param="regions")
+    raw_regions = body.get("regions") or []
+    if not isinstance(raw_regions, list):
+        raise APIError(400, "'regions' must be a list of [x1, y1, x2, y2] boxes", param="regions")
+    box_format = body.get("box_format", "normalized")
+    if not isinstance(box_format, str):
+        raise APIError(400, "'box_format' must be 'normalized' or 'pixels'", param="box_format")
     max_tokens = _integer(body, "max_completion_tokens")
     max_tokens = _integer(body, "max_tokens") if max_tokens is None else max_tokens
     max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
     stream_options = body.get("stream_options") or {}
+    pixels = box_format == "pixels"
+    regions = [] if pixels else _regions(raw_regions, box_format, None)  # cheap checks before the image
+    image = _open(engine, image_urls[0], policy) if image_urls else None
+    if pixels:
+        regions = _regions(raw_regions, box_format, image.size if image is not None else None)
     try:
         settings = SamplingSettings(_number(body, "temperature", 0.0), _number(body, "top_p", 1.0), max_tokens)
         history = [engine.make_turn(turns[i][1], regions, turns[i + 1][1].strip()) for i in range(0, len(turns) - 1, 2)]
         engine.expand_regions(turns[-1][1], regions)  # checked here, so every error is a 400
     except InputError as error:
         raise APIError(400, str(error)) from error
-    image = _open(engine, image_urls[0], policy) if image_urls else None
     return ChatRequest(
         image=image,
         history=history,
         message=turns[-1][1],
-        regions=regions,
+        regions=[list(box) for box in regions],
         settings=settings,
         system="\n".join(systems) if systems else None,
         stream=bool(body.get("stream", False)),

@@ -76,8 +76,8 @@ def world(tmp_path_factory):
 def pretrained_cloc(tmp_path_factory) -> PretrainedCLOC:
     """CLOC pretraining with the shipped recipe (train/configs/cloc_tiny.yaml), shared by the learning tests."""
     from cloc_encoder.data.synthetic import SyntheticWorldConfig, generate_world
-    from train.cloc_config import load_config
-    from train.cloc_pretrain import train_cloc
+    from train.cloc.config import load_config
+    from train.cloc.pretrain import train_cloc
 
     root = tmp_path_factory.mktemp("pretrained_cloc")
     world = root / "world"

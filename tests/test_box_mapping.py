@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cloc_encoder.image_processing import CLOCImageProcessor
+from cloc_encoder.image_processing import CLOCImageProcessor, RegionOutsideInputError
 
 LAYOUTS = [("pad", "center"), ("pad", "top_left"), ("squash", "center")]
 
@@ -94,3 +94,20 @@ def test_crop_mode_matches_clip_image_processor(size):
     level = 1 / 255 / min(ours_std for ours_std in reference.image_std)
     assert (ours - expected).abs().max().item() <= 1.01 * level
     assert (ours - expected).abs().mean().item() < 1e-3
+
+
+def test_a_region_cut_away_by_the_crop_is_an_error_not_a_zero_area_box():
+    """Centre crop of a 200×50 image to 32 px keeps x in [0.375, 0.625] of the original width."""
+    transform = CLOCImageProcessor(image_size=32, resize_mode="crop").frame_transform(200, 50)
+    assert transform.boxes_to_model([[0.0, 0.0, 0.1, 1.0]]).tolist() == [[0.0, 0.0, 0.0, 1.0]]  # the silent clip
+    with pytest.raises(RegionOutsideInputError, match=r"region 1: box \[0.0, 0.0, 0.1, 1.0\] lies outside"):
+        transform.region_boxes_to_model([[0.4, 0.1, 0.6, 0.9], [0.0, 0.0, 0.1, 1.0]])
+    with pytest.raises(RegionOutsideInputError, match="region 0"):  # a point outside the crop
+        transform.region_boxes_to_model([[0.9, 0.5, 0.9, 0.5]])
+    partly = transform.region_boxes_to_model([[0.3, 0.2, 0.5, 0.8], [0.5, 0.5, 0.5, 0.5]])  # clipped / a point
+    torch.testing.assert_close(partly, transform.boxes_to_model([[0.3, 0.2, 0.5, 0.8], [0.5, 0.5, 0.5, 0.5]]))
+    assert partly[0, 0] == 0.0 and partly[0, 2] > 0.0
+    padded = CLOCImageProcessor(image_size=32).frame_transform(200, 50)  # nothing is cut away with padding
+    torch.testing.assert_close(
+        padded.region_boxes_to_model([[0.0, 0.0, 0.1, 1.0]]), padded.boxes_to_model([[0, 0, 0.1, 1]])
+    )

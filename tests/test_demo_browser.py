@@ -12,7 +12,6 @@ import base64
 import io
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
+from cloc_encoder.distributed import free_port
 from serve.boxes import BOX_COLOUR, REGION_COLOUR
 from serve.demo import EXAMPLES_DIR, build_demo, launch
 from tests.scripted_engine import scripted_engine
@@ -47,12 +47,6 @@ def chromium_path() -> str:
         if found:
             return found
     pytest.fail("the demo's browser test needs Chromium: `apt-get install -y chromium` (.ci/run installs it)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def colour_pixels(data_url: str, colour: tuple[int, int, int]) -> int:

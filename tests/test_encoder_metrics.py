@@ -1,4 +1,4 @@
-"""Encoder metrics on tiny hand-computed cases (``eval.encoder_metrics``)."""
+"""Encoder metrics on tiny hand-computed cases (``eval.encoder.metrics``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.encoder_metrics import box_grounding, region_classification, retrieval_recall
+from eval.encoder.metrics import box_grounding, region_classification, retrieval_recall
 
 
 def test_region_classification_accuracy_and_mean_class_accuracy():

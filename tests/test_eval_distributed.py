@@ -15,7 +15,7 @@ from cloc_encoder.data.synthetic import SyntheticWorldConfig, generate_world
 from eval.distributed import launch_context
 from eval.mllm_generation import GenerationSettings, PredictionStore, answer_questions
 from eval.predictions import shard_path, shard_paths
-from eval.region_tasks import referring_questions
+from eval.regions.tasks import referring_questions
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor
 from mllm.tiny import tiny_config
 from tests.tiny_training import REPO, run_two_ranks, subprocess_env

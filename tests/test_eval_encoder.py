@@ -1,4 +1,4 @@
-"""Encoder evaluation on a tiny model and a small synthetic world (``eval.encoder_eval``, ``python -m eval``)."""
+"""Encoder evaluation on a tiny model and a small synthetic world (``eval.encoder.evaluate``, ``python -m eval``)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from cloc_encoder.data.synthetic import SyntheticWorldConfig, generate_world
 from cloc_encoder.image_processing import CLOCImageProcessor
 from cloc_encoder.modeling_cloc import CLOCImageState, CLOCTextOutput
 from eval.cli import main
-from eval.encoder_eval import evaluate_encoder, format_encoder_metrics, region_texts
+from eval.encoder.evaluate import evaluate_encoder, format_encoder_metrics, region_texts
 
 NUM_IMAGES = 16
 

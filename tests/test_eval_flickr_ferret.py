@@ -20,7 +20,7 @@ from PIL import Image
 from cloc_encoder.data.format import read_region_text
 from cloc_encoder.data.synthetic import SyntheticWorldConfig, generate_world
 from eval.cli import main as eval_main
-from eval.ferret_bench import (
+from eval.ferret_bench.task import (
     JUDGE_SYSTEM_PROMPT,
     answer_for_judge,
     ferret_question,
@@ -29,7 +29,8 @@ from eval.ferret_bench import (
     load_rules,
     review_messages,
 )
-from eval.flickr30k import (
+from eval.flickr30k.evaluate import evaluate_phrase_grounding
+from eval.flickr30k.task import (
     PhraseTarget,
     flickr_phrase_questions,
     merged_box,
@@ -40,7 +41,6 @@ from eval.flickr30k import (
     region_phrase_questions,
     score_phrases,
 )
-from eval.flickr30k_eval import evaluate_phrase_grounding
 from eval.judge import ChatJudge, JudgeError, JudgeSettings, parse_two_scores
 from eval.mllm_generation import GenerationSettings
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor

@@ -13,13 +13,13 @@ from PIL import Image
 from cloc_encoder.data.format import read_region_text
 from cloc_encoder.data.synthetic import SyntheticWorldConfig, generate_world
 from eval.cli import main as eval_main
-from eval.flickr30k import region_phrase_questions
+from eval.flickr30k.task import region_phrase_questions
 from eval.mllm_generation import Question, prediction_record
 from eval.plot_predictions import load_examples, plot_predictions, select_examples
-from eval.refcoco_data import read_regiontext
-from eval.refcoco_eval import rec_questions
-from eval.region_eval import evaluate_regions
-from eval.region_tasks import grounding_questions, referring_questions
+from eval.refcoco.data import read_regiontext
+from eval.refcoco.evaluate import rec_questions
+from eval.regions.evaluate import evaluate_regions
+from eval.regions.tasks import grounding_questions, referring_questions
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor
 from mllm.box_codec import get_box_codec
 from mllm.tiny import tiny_config

@@ -21,9 +21,9 @@ from cloc_encoder.data.synthetic import SyntheticWorldConfig, generate_world
 from eval.caption_metrics import caption_metrics, java_available, simple_tokenize
 from eval.cli import main as eval_main
 from eval.mllm_generation import GenerationSettings, PredictionStore
-from eval.refcoco_data import RefSample, read_ref_samples
-from eval.refcoco_eval import evaluate_rec, evaluate_reg, rec_question_text, rec_questions, reg_questions
-from eval.region_tasks import score_grounding
+from eval.refcoco.data import RefSample, read_ref_samples
+from eval.refcoco.evaluate import evaluate_rec, evaluate_reg, rec_question_text, rec_questions, reg_questions
+from eval.regions.tasks import score_grounding
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor
 from mllm.box_codec import get_box_codec
 from mllm.tiny import tiny_config

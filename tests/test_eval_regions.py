@@ -20,8 +20,8 @@ from eval.mllm_generation import (
     answer_questions,
 )
 from eval.predictions import answered_ids, failed_ids, is_failed, merge_shards, shard_path
-from eval.region_eval import evaluate_regions
-from eval.region_tasks import (
+from eval.regions.evaluate import evaluate_regions
+from eval.regions.tasks import (
     GroundingTarget,
     ReferringTarget,
     constant_box_baselines,

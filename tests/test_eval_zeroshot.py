@@ -1,4 +1,4 @@
-"""Zero-shot encoder evaluation (``eval.zeroshot``, ``python -m eval encoder-zeroshot``): COCO / LVIS region
+"""Zero-shot encoder evaluation (``eval.zeroshot.evaluate``, ``python -m eval encoder-zeroshot``): COCO / LVIS region
 classification and folder image classification, on fixtures written here in the real formats."""
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from cloc_encoder.data.convert import main as convert_main
 from cloc_encoder.data.converters import convert_lvis
 from cloc_encoder.data.format import read_region_text
 from cloc_encoder.modeling_cloc import CLOCImageState, CLOCTextOutput
-from eval import encoder_metrics
-from eval.encoder_metrics import region_classification, topk_accuracy
-from eval.zeroshot import (
+from eval.encoder import metrics as encoder_metrics
+from eval.encoder.metrics import region_classification, topk_accuracy
+from eval.zeroshot.cli import add_parser
+from eval.zeroshot.evaluate import (
     ENSEMBLE_TEMPLATES,
     class_text_embeddings,
     evaluate_image_zeroshot,
@@ -26,7 +27,6 @@ from eval.zeroshot import (
     load_image_folder,
     load_instance_set,
 )
-from eval.zeroshot_cli import add_parser
 
 RED, BLUE, GREEN = (220, 20, 20), (20, 20, 220), (20, 200, 20)
 

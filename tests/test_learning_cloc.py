@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from cloc_encoder import CLOCModel
 from cloc_encoder.data.format import read_region_text
-from eval.encoder_eval import evaluate_encoder
+from eval.encoder.evaluate import evaluate_encoder
 from tests.tiny_training import PRETRAIN_STEPS
 
 CHANCE = 1 / 12

@@ -18,9 +18,9 @@ import pytest
 
 from cloc_encoder.data.format import read_region_text
 from eval.mllm_generation import GenerationSettings
-from eval.region_eval import evaluate_regions
-from train.mllm_conversations import conversations_from_records, write_conversations
-from train.mllm_stages import train_stages
+from eval.regions.evaluate import evaluate_regions
+from train.mllm.conversations import conversations_from_records, write_conversations
+from train.mllm.stages import train_stages
 
 STAGE1_STEPS = 100
 STAGE2_STEPS = 400

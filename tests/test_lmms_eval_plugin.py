@@ -25,7 +25,7 @@ datasets = pytest.importorskip("datasets", reason="datasets is not installed (co
 
 from eval import lmms_eval_plugin  # noqa: E402
 from eval.lmms_eval_plugin import rewrite_boxes, truncate_at, write_rec_task  # noqa: E402
-from eval.region_tasks import GroundingTarget, grounding_metrics  # noqa: E402
+from eval.regions.tasks import GroundingTarget, grounding_metrics  # noqa: E402
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor  # noqa: E402
 from mllm.box_codec import get_box_codec  # noqa: E402
 from mllm.tiny import tiny_config  # noqa: E402

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn import functional as F
 
+from cloc_encoder.distributed import free_port
 from cloc_encoder.losses import clip_sigmoid_loss, clip_softmax_loss, grounding_loss, region_text_loss
 
 
@@ -56,12 +56,6 @@ def test_grounding_loss_denominator_is_4MN():
     assert grounding_loss(predicted, target, max_regions=4, batch_size=2).item() == pytest.approx((0.01 + 0.04) / 32)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _rank_losses(rank: int, world: int, port: int, inputs: dict, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -93,7 +87,7 @@ def test_losses_gather_the_global_batch_across_ranks():
     }
     manager = mp.get_context("spawn").Manager()
     results = manager.dict()
-    mp.start_processes(_rank_losses, args=(2, _free_port(), inputs, results), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank_losses, args=(2, free_port(), inputs, results), nprocs=2, start_method="spawn")
     scale = torch.tensor(1.5)
     images = inputs["images"].clone().requires_grad_()
     regions = inputs["regions"].clone().requires_grad_()

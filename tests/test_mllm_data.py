@@ -15,14 +15,14 @@ from cloc_encoder.data.format import RecordError, read_region_text
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor, get_box_codec
 from mllm.chat_template import VICUNA_V1_CHAT_TEMPLATE
 from mllm.tiny import tiny_config
-from train.mllm_conversations import (
+from train.mllm.conversations import (
     conversation_read_report,
     conversations_from_record,
     main,
     parse_conversation,
     read_conversations,
 )
-from train.mllm_data import (
+from train.mllm.data import (
     IGNORE_INDEX,
     CollateConfig,
     ConversationDataset,

@@ -8,11 +8,11 @@ import logging
 
 import pytest
 
-import train.mllm_data
+import train.mllm.data
 from tests.token_loss import loss_config, write_mixed_lengths_data
 from train.metrics import read_metrics
-from train.mllm_data import LabelMaskingError, TooManyInvalidSamples, check_invalid_budget
-from train.mllm_train import train_mllm
+from train.mllm.data import LabelMaskingError, TooManyInvalidSamples, check_invalid_budget
+from train.mllm.train import train_mllm
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +22,14 @@ def data(world, tmp_path_factory):
 
 def _fail_for(monkeypatch, errors: dict[str, Exception]) -> None:
     """Make encoding the samples named in ``errors`` raise (forked DataLoader workers inherit the patch)."""
-    encode = train.mllm_data.encode_conversation
+    encode = train.mllm.data.encode_conversation
 
     def patched(processor, messages, image=None, boxes=None, *, sample_id="sample", **options):
         if sample_id in errors:
             raise errors[sample_id]
         return encode(processor, messages, image, boxes, sample_id=sample_id, **options)
 
-    monkeypatch.setattr(train.mllm_data, "encode_conversation", patched)
+    monkeypatch.setattr(train.mllm.data, "encode_conversation", patched)
 
 
 def test_one_invalid_sample_is_skipped_counted_and_named(data, tmp_path, monkeypatch, caplog):
@@ -37,7 +37,7 @@ def test_one_invalid_sample_is_skipped_counted_and_named(data, tmp_path, monkeyp
     _fail_for(monkeypatch, {"mixed-5": LabelMaskingError(message)})
     # One epoch of the 8 samples (2 steps of 4) in a DataLoader worker: every sample is drawn once.
     config = loss_config(data, tmp_path / "run", max_steps=2, num_workers=1, log_every=1, max_invalid_fraction=0.2)
-    with caplog.at_level(logging.WARNING, logger="train.mllm_run"):
+    with caplog.at_level(logging.WARNING, logger="train.mllm.run"):
         result = train_mllm(config)
     assert result.step == 2 and result.stop_reason == "max_steps"
     assert result.skipped_invalid == 1 and result.skipped_images == 0 and result.skipped_too_long == 0

@@ -10,7 +10,7 @@ from PIL import Image
 from transformers import AutoProcessor
 
 import mllm  # noqa: F401 - registers the Auto classes
-from cloc_encoder.image_processing import CLOCImageProcessor
+from cloc_encoder.image_processing import CLOCImageProcessor, RegionOutsideInputError
 from mllm import CLOCLlavaProcessor
 from mllm.chat_template import VICUNA_SYSTEM_PROMPT, VICUNA_V1_CHAT_TEMPLATE
 from mllm.tiny import tiny_config
@@ -164,3 +164,15 @@ def test_save_load_with_auto_processor(tmp_path, chat_tokenizer):
     assert loaded.image_processor.to_dict() == processor.image_processor.to_dict()
     # Overrides of the image processor reach it (CLOCImageProcessor declares its valid kwargs).
     assert CLOCLlavaProcessor.from_pretrained(tmp_path, image_size=64).image_processor.image_size == 64
+
+
+def test_a_region_outside_the_centre_crop_is_an_error(chat_tokenizer):
+    """With ``resize_mode="crop"`` (converted llava-hf models) a region the crop cuts away is refused by name."""
+    processor = CLOCLlavaProcessor.from_model_config(
+        tiny_config(chat_tokenizer), copy.deepcopy(chat_tokenizer), image_processor_kwargs={"resize_mode": "crop"}
+    )
+    image = Image.new("RGB", (200, 50))  # the crop keeps x in [0.375, 0.625]
+    inputs = processor(images=[image], text=["<image>\n<region>?"], boxes=[[[0.3, 0.2, 0.5, 0.8]]])
+    assert inputs["region_boxes"][0, 0] == 0.0 and inputs["region_boxes"][0, 2] > 0.0  # partly visible: clipped
+    with pytest.raises(RegionOutsideInputError, match=r"region 0: box \[0.0, 0.0, 0.1, 1.0\] lies outside"):
+        processor(images=[image], text=["<image>\n<region>?"], boxes=[[[0.0, 0.0, 0.1, 1.0]]])

@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cloc_encoder.distributed import DistributedContext
 from tests.tiny_training import run_two_ranks
 from tests.token_loss import loss_config, relative_difference, step_gradients, write_mixed_lengths_data
 from train.loop import forward
-from train.mllm_data import IGNORE_INDEX
-from train.mllm_train import _build_run, _hooks
-from train.runtime import DistributedContext
+from train.mllm.data import IGNORE_INDEX
+from train.mllm.train import _build_run, _hooks
 
 # tests.token_loss replaces the optimizer's step to read the gradients; torch's scheduler notices.
 pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")

@@ -20,16 +20,16 @@ import mllm
 from cloc_encoder.data.format import read_region_text
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor
 from tests.tiny_training import run_two_ranks
-from train.cloc_config import ConfigError
-from train.merge_lora import load_lora_model
-from train.merge_lora import main as merge_main
+from train.config import ConfigError
 from train.metrics import read_metrics
-from train.mllm_build import assemble_model
-from train.mllm_config import MLLMTrainConfig, load_mllm_config
-from train.mllm_conversations import conversations_from_records, write_conversations
-from train.mllm_projector import PROJECTOR_PREFIXES
-from train.mllm_train import main, train_mllm
-from train.mllm_trainable import unwrap
+from train.mllm.build import assemble_model
+from train.mllm.config import MLLMTrainConfig, load_mllm_config
+from train.mllm.conversations import conversations_from_records, write_conversations
+from train.mllm.merge_lora import load_lora_model
+from train.mllm.merge_lora import main as merge_main
+from train.mllm.projector import PROJECTOR_PREFIXES
+from train.mllm.train import main, train_mllm
+from train.mllm.trainable import unwrap
 from train.runtime import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -382,10 +382,10 @@ def test_model_from_cloc_encoder_and_llm_folders_and_from_model_path(
 ):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from cloc_encoder.distributed import DistributedContext
     from cloc_encoder.image_processing import CLOCImageProcessor
-    from train.mllm_build import build_processor, build_tokenizer
-    from train.mllm_data import LabelMaskingError
-    from train.runtime import DistributedContext
+    from train.mllm.build import build_processor, build_tokenizer
+    from train.mllm.data import LabelMaskingError
 
     encoder_dir, llm_dir = tmp_path / "cloc", tmp_path / "llm"
     tiny_cloc.save_pretrained(encoder_dir)

@@ -23,7 +23,7 @@ from cloc_encoder.image_processing import CLOCImageProcessor
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor
 from tests.tiny_training import run_two_ranks
 from tests.zero3_worker import probe_inputs
-from train.mllm_conversations import conversations_from_records, write_conversations
+from train.mllm.conversations import conversations_from_records, write_conversations
 
 pytest.importorskip("deepspeed")
 

@@ -160,6 +160,15 @@ BAD_REQUESTS = [
     ("region in history", {"messages": [user_with_image("[region5]"), {"role": "assistant", "content": "b"},
      {"role": "user", "content": "c"}]}, None, "unknown region"),
     ("bad region", {"messages": [user_with_image("[region0]")], "regions": [[0.5, 0.5, 0.5, 0.9]]}, None, "zero area"),
+    ("pixel region", {"messages": [user_with_image("[region0]")], "regions": [[0, 0, 300, 400]]}, None,
+     r'regions\[0\]: box \[0, 0, 300, 400\] is not inside the image.*"box_format": "pixels"'),
+    ("region partly out", {"messages": [user_with_image("[region0]")], "regions": [[0.5, 0.5, 1.2, 0.9]]}, None,
+     r"regions\[0\]: box \[0.5, 0.5, 1.2, 0.9\] is not inside the image"),
+    ("pixels outside", {"messages": [user_with_image("[region0]")], "regions": [[0, 0, 300, 400]],
+     "box_format": "pixels"}, None, r"regions\[0\]: pixel box \[0, 0, 300, 400\] is not inside the 64x48 image"),
+    ("pixels no image", {"messages": [{"role": "user", "content": "[region0]"}], "regions": [[0, 0, 3, 4]],
+     "box_format": "pixels"}, None, "needs an image"),
+    ("bad box_format", {"messages": [user_with_image("a")], "box_format": "xywh"}, None, "box_format 'xywh'"),
     ("regions not a list", {"messages": [user_with_image("a")], "regions": "x"}, None, "'regions' must be a list"),
     ("region without image", {"messages": [{"role": "user", "content": "[region0]"}], "regions": REGIONS}, None,
      "regions need an image"),
@@ -195,24 +204,44 @@ def test_openai_client_sees_bad_requests_as_errors(client):
         client.chat.completions.create(model="m", messages=[user_with_image("[region1]")], extra_body={"regions": []})
 
 
-def test_local_files_and_urls_only_when_enabled(engine, tmp_path):
-    image = tmp_path / "img.png"
+def test_pixel_regions_with_box_format_give_the_normalised_answer(port):
+    question = [user_with_image("What is [region0]? And [region1]?")]
+    pixels = [[6.4, 4.8, 32, 24], [32, 12, 64, 48]]  # REGIONS in pixels of the 64x48 image
+    normalised = post(port, {"messages": question, "regions": REGIONS, "max_tokens": 6})
+    in_pixels = post(port, {"messages": question, "regions": pixels, "box_format": "pixels", "max_tokens": 6})
+    assert normalised[0] == in_pixels[0] == 200, in_pixels
+    assert in_pixels[1]["choices"][0]["message"] == normalised[1]["choices"][0]["message"]
+
+
+def test_local_files_only_under_the_root_and_urls_only_when_enabled(engine, tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    image = root / "img.png"
     image.write_bytes(PNG)
-    with serving(engine, ImagePolicy(allow_local_files=True)) as port:
-        for url in (str(image), image.as_uri()):
+    (tmp_path / "secret.png").write_bytes(PNG)
+    with serving(engine, ImagePolicy(local_files_root=root)) as port:
+        for url in (str(image), image.as_uri(), "img.png"):
             status, payload = post(port, {"messages": [user_with_image("What is it?", url)], "max_tokens": 2})
             assert status == 200, payload
-        status, payload = post(port, {"messages": [user_with_image("a", str(tmp_path / "gone.png"))]})
-        assert status == 400 and "no such image file" in payload["error"]["message"]
-    files = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(tmp_path)))
+        answers = {}
+        for name in ("gone.png", str(tmp_path / "secret.png"), str(tmp_path / "gone.png"), "../secret.png"):
+            status, payload = post(port, {"messages": [user_with_image("a", name)]})
+            assert status == 400
+            answers[name] = payload["error"]["message"].replace(name, "NAME")
+        assert set(answers.values()) == {"image_url: no image file 'NAME' under the server's image folder"}
+    files = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(root)))
     threading.Thread(target=files.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{files.server_address[1]}/img.png"
     try:
-        with serving(engine, ImagePolicy(allow_remote_urls=True)) as port:
+        with serving(engine, ImagePolicy(allow_remote_urls=True)) as port:  # loopback is not public
+            status, payload = post(port, {"messages": [user_with_image("What is it?", url)]})
+            assert status == 400 and "127.0.0.1 is a loopback address" in payload["error"]["message"]
+        policy = ImagePolicy(allow_remote_urls=True, allowed_networks=("127.0.0.1/32",))
+        with serving(engine, policy) as port:
             status, payload = post(port, {"messages": [user_with_image("What is it?", url)], "max_tokens": 2})
             assert status == 200, payload
             status, payload = post(port, {"messages": [user_with_image("a", str(image))]})
-            assert status == 400 and "--allow-local-files" in payload["error"]["message"]
+            assert status == 400 and "--allow-local-files ROOT" in payload["error"]["message"]
     finally:
         files.shutdown()
         files.server_close()

@@ -28,8 +28,10 @@ def test_typed_boxes_become_regions_in_pixels_or_normalised():
     assert boxes == [pytest.approx((0.05, 0.25, 0.5, 0.75)), (0.5, 0.5, 1.0, 1.0)]
     kept, none = typed_regions("What is [100, 200, 300, 400] <region>?", (200, 80))
     assert kept == "What is [100, 200, 300, 400] <region>?" and none == []
-    with pytest.raises(InputError, match="outside the 200x80 image"):
+    with pytest.raises(InputError, match=r"pixel box \[300, 100, 400, 200\] is not inside the 200x80 image"):
         typed_regions("and [300, 100, 400, 200]?", (200, 80))
+    with pytest.raises(InputError, match="not inside the 200x80 image"):  # partly outside: refused, not clipped
+        typed_regions("and [100, 40, 300, 60]?", (200, 80))
 
 
 def test_piped_session_streams_lists_regions_and_draws(model_folder, tmp_path):
@@ -59,7 +61,7 @@ def test_piped_session_streams_lists_regions_and_draws(model_folder, tmp_path):
     assert "chatting about a 64x48 image" in out and out.count("ASSISTANT: ") == 2
     assert "USER: What is [8, 8, 40, 40]?" in out  # piped input is echoed like a terminal session
     assert "region 0: [8, 8, 40, 40] px  ([0.125, 0.167, 0.625, 0.833] normalised)" in out
-    assert "error: region '[90, 90, 99, 99]' (pixels) lies outside the 64x48 image" in out
+    assert "error: region '[90, 90, 99, 99]': pixel box [90, 90, 99, 99] is not inside the 64x48 image" in out
     assert "(conversation forgotten)" in out and "(no regions yet" in out
     assert f"(drawn to {drawn})" in out
     with Image.open(drawn) as picture:

@@ -15,7 +15,7 @@ from serve.boxes import BOX_COLOUR, REGION_COLOUR, GroundedBox, grounded_boxes
 from serve.engine import ChatEngine, InputError, SamplingSettings, Turn, parse_region_spec
 from tests.tiny_serving import png_bytes, save_tiny_chat_model
 from train.checkpoint import TRAINER_STATE
-from train.mllm_conversations import ConversationRecord
+from train.mllm.conversations import ConversationRecord
 
 REPO = Path(__file__).resolve().parents[1]
 CODEC = get_box_codec("int999")
@@ -41,8 +41,9 @@ def test_expand_regions_writes_region_text_and_keeps_exact_boxes_in_order(engine
     region = engine.processor.format_region
     assert text == f"Is {region(regions[1])} left of {region(regions[0])}?"
     assert boxes == [regions[1], regions[0]]
-    clipped = engine.expand_regions("[region0]", [(-0.2, 0.5, 0.4, 1.3)])[1]  # clipped to the image
-    assert clipped == [(0.0, 0.5, 0.4, 1.0)]
+    with pytest.raises(InputError, match=r"region0: box \[-0.2, 0.5, 0.4, 1.3\] is not inside the image"):
+        engine.expand_regions("[region0]", [(-0.2, 0.5, 0.4, 1.3)])  # partly outside: refused, never clipped
+    assert engine.expand_regions("[region0]", [(0.0, 0.5, 0.4, 1.0 + 1e-9)])[1] == [(0.0, 0.5, 0.4, 1.0)]  # rounding
     assert engine.expand_regions("[region0]", [(0.4, 0.9, 0.1, 0.2)])[1] == [(0.1, 0.2, 0.4, 0.9)]  # corners ordered
     kept, kept_boxes = engine.expand_regions("What is [100, 200, 300, 400] <region>?")
     assert kept == "What is [100, 200, 300, 400] <region>?"
@@ -55,7 +56,7 @@ def test_expand_regions_writes_region_text_and_keeps_exact_boxes_in_order(engine
         ("What is [region2]?", [(0.1, 0.1, 0.2, 0.2)], r"\[region2\] refers to an unknown region.*region0\.\.region0"),
         ("What is [region0]?", [], "unknown region; regions given: none"),
         ("[region0]", [(0.2, 0.2, 0.2, 0.6)], "zero area"),
-        ("[region0]", [(1.2, 1.3, 1.5, 1.9)], "outside the image"),
+        ("[region0]", [(1.2, 1.3, 1.5, 1.9)], "not inside the image"),
         ("[region0]", [(0.1, 0.2, 0.3)], "4 finite numbers"),
         ("[region0]", [(0.1, float("nan"), 0.3, 0.4)], "finite"),
         ("What is <region>?", [], "must follow its box"),
@@ -74,11 +75,13 @@ def test_region_specs_are_pixels_unless_every_value_is_at_most_one():
     assert parse_region_spec("10 20 100 80", size) == pytest.approx((0.05, 0.2, 0.5, 0.8))
     assert parse_region_spec("[0.1, 0.2, 0.5, 0.75]", size) == (0.1, 0.2, 0.5, 0.75)
     assert parse_region_spec("[0, 0, 1, 1]", size) == (0.0, 0.0, 1.0, 1.0)  # all <= 1: normalised
-    assert parse_region_spec([150, 50, 400, 300], size) == (0.75, 0.5, 1.0, 1.0)  # pixels past the edge: clipped
+    assert parse_region_spec([0, 0, 200, 100], size) == (0.0, 0.0, 1.0, 1.0)
     for bad, match in [
         ("[1, 2, 3]", "expected 4 numbers"),
         ("[a, b, c, d]", "expected 4 numbers"),
-        ("[300, 200, 400, 300]", r"lies outside the 200x100 image"),
+        ("[300, 200, 400, 300]", r"pixel box \[300, 200, 400, 300\] is not inside the 200x100 image"),
+        ([150, 50, 400, 300], r"pixel box \[150, 50, 400, 300\] is not inside"),  # partly outside: refused
+        ("[0.5, 0.5, 0.5, 1]", "zero area"),
     ]:
         with pytest.raises(InputError, match=match):
             parse_region_spec(bad, size)

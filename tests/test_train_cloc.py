@@ -20,17 +20,19 @@ from cloc_encoder.data.format import Region, RegionTextRecord, read_region_text
 from cloc_encoder.image_processing import CLOCImageProcessor
 from tests.tiny_training import TINY_CLOC_OVERRIDES as TINY_MODEL
 from train.checkpoint import CheckpointManager, capture_rng_state, load_state, save_state, write_json
-from train.cloc_build import check_model_overrides, lr_factor
-from train.cloc_config import CLOCTrainConfig, ConfigError, load_config
-from train.cloc_data import (
+from train.cloc.build import check_model_overrides
+from train.cloc.config import CLOCTrainConfig, load_config
+from train.cloc.data import (
     MODEL_INPUT_KEYS,
     RegionTextDataset,
     collate_cloc,
 )
-from train.cloc_pretrain import main, train_cloc
+from train.cloc.pretrain import main, train_cloc
+from train.config import ConfigError
 from train.metrics import read_metrics
 from train.runtime import deepspeed_config
 from train.samplers import EvalBatchSampler, ResumableBatchSampler
+from train.schedule import lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +57,7 @@ def tiny_config(world: Path, output_dir: Path, **values) -> CLOCTrainConfig:
 
 def tiny_tokenizer(world: Path):
     from cloc_encoder.tokenization import train_caption_tokenizer
-    from train.cloc_build import training_texts
+    from train.cloc.build import training_texts
 
     return train_caption_tokenizer(training_texts(read_region_text(world / "train.jsonl")), 128, 16)
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from cloc_encoder import CLOCModel
+from cloc_encoder.distributed import free_port
 from tests.tiny_training import TINY_CLOC_OVERRIDES as TINY_MODEL
 from tests.tiny_training import run_two_ranks, subprocess_env
-from train.cloc_config import CLOCTrainConfig
-from train.cloc_pretrain import train_cloc
+from train.cloc.config import CLOCTrainConfig
+from train.cloc.pretrain import train_cloc
 from train.metrics import read_metrics
-from train.runtime import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600
@@ -97,7 +97,7 @@ def test_torchrun_ddp_two_processes(world, tmp_path):
         "--master_port",
         str(free_port()),
         "-m",
-        "train.cloc_pretrain",
+        "train.cloc.pretrain",
         "--config",
         str(config_path),
     ]

@@ -240,7 +240,7 @@ def test_resume_after_a_kill_is_byte_identical(env, straight):
 
 def test_shards_feed_cloc_pretraining(straight, tmp_path):
     from tests.test_train_cloc import tiny_config
-    from train.cloc_pretrain import train_cloc
+    from train.cloc.pretrain import train_cloc
 
     shards = str(straight.out)  # the output folder itself is the training data (all shard-*.jsonl)
     config = tiny_config(

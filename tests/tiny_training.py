@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from train.runtime import free_port
+from cloc_encoder.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ class PretrainedCLOC:
     """The synthetic world (64 px: 2000 train, 200 test images) and a tiny CLOC encoder trained on it."""
 
     world: Path
-    result: Any  # train.cloc_pretrain.TrainResult
+    result: Any  # train.cloc.pretrain.TrainResult
 
 
 PRETRAIN_STEPS = 450

@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import save_file
 
 from cloc_encoder.data.format import read_region_text
+from cloc_encoder.distributed import DistributedContext
 from train.loop import LoopHooks, distributed_session, start_run, train_step
-from train.mllm_config import MLLMTrainConfig
-from train.mllm_run import MLLMRun, MLLMTrainerState
-from train.mllm_train import _build_run, _hooks
-from train.runtime import DistributedContext
+from train.mllm.config import MLLMTrainConfig
+from train.mllm.run import MLLMRun, MLLMTrainerState
+from train.mllm.train import _build_run, _hooks
 
 REPO = Path(__file__).resolve().parents[1]
 LONG_ANSWER = " ".join(

@@ -65,7 +65,7 @@ def _measured(build: Any) -> tuple[Any, dict[str, float]]:
 
 
 def _config(spec: dict[str, Any], output_dir: str, **values: Any) -> Any:
-    from train.mllm_config import MLLMTrainConfig
+    from train.mllm.config import MLLMTrainConfig
 
     settings = {
         "train_data": spec["data"],
@@ -85,7 +85,7 @@ def _config(spec: dict[str, Any], output_dir: str, **values: Any) -> Any:
 
 
 def _ds_config(config: Any, tokenizer: Any) -> dict[str, Any]:
-    from train.mllm_build import planned_text_config
+    from train.mllm.build import planned_text_config
     from train.runtime import deepspeed_config
 
     hidden = planned_text_config(config, tokenizer).hidden_size
@@ -101,8 +101,8 @@ def sharded_build(spec: dict[str, Any]) -> dict[str, Any]:
     """Part 1 (see the module docstring)."""
     from mllm.tiny import TINY_CORPUS
     from mllm.tokenization import train_chat_tokenizer
-    from train.mllm_build import assemble_model
-    from train.mllm_zero3 import partition_report
+    from train.mllm.build import assemble_model
+    from train.mllm.zero3 import partition_report
 
     tokenizer = train_chat_tokenizer(TINY_CORPUS, vocab_size=320)
     config = _config(spec, spec["out"] + "/unused", model_overrides={"text_config": spec["big_text_config"]})
@@ -121,8 +121,8 @@ def same_base(spec: dict[str, Any]) -> dict[str, Any]:
     """Part 2: the largest absolute difference between the ZeRO-3 build (gathered) and the plain one (rank 0)."""
     from transformers import AutoTokenizer
 
-    from train.mllm_build import assemble_model
-    from train.mllm_zero3 import gathered_state_dict, partition_report
+    from train.mllm.build import assemble_model
+    from train.mllm.zero3 import gathered_state_dict, partition_report
 
     rank = torch.distributed.get_rank()
     config = _config(spec, spec["out"] + "/unused", vision_tower=spec["tower"], language_model=spec["llm"])
@@ -142,10 +142,10 @@ def same_base(spec: dict[str, Any]) -> dict[str, Any]:
 
 def train_and_probe(spec: dict[str, Any]) -> dict[str, Any]:
     """Part 3: stage 1 and stage 2 under ZeRO-3; rank 0 writes the trained model's logits on the probe."""
-    from train.mllm_build import assemble_model
-    from train.mllm_train import train_mllm
-    from train.mllm_trainable import unwrap
-    from train.mllm_zero3 import gathered_state_dict, partition_report
+    from train.mllm.build import assemble_model
+    from train.mllm.train import train_mllm
+    from train.mllm.trainable import unwrap
+    from train.mllm.zero3 import gathered_state_dict, partition_report
 
     folders = {"vision_tower": spec["tower"], "language_model": spec["llm"]}
     first = train_mllm(_config(spec, spec["out"] + "/stage1", stage=1, lr=1e-2, **folders))

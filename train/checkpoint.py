@@ -14,7 +14,9 @@ Layout of ``output_dir``::
         deepspeed/                               # only under DeepSpeed: the engine's own checkpoint
 
 A checkpoint is written into ``step-NNNNNN.tmp`` and renamed when complete, so a crash never leaves a directory
-that looks finished; leftover ``.tmp`` directories are ignored and removed.
+that looks finished; leftover ``.tmp`` directories are ignored and removed. Reading a run folder (its complete
+checkpoints, the latest one, :func:`~cloc_encoder.run_folder.resolve_model_folder`) is
+:mod:`cloc_encoder.run_folder`'s, shared with evaluation and serving; this module owns the writing.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,16 +35,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cloc_encoder.data.format import atomic_write_text
+from cloc_encoder.run_folder import (
+    LATEST,
+    TRAINER_STATE,
+    complete_checkpoints,
+    is_complete_checkpoint,
+    latest_checkpoint,
+    step_dir_name,
+)
 
 logger = logging.getLogger(__name__)
-
-LATEST = "latest"
-TRAINER_STATE = "trainer_state.json"
-STEP_PATTERN = re.compile(r"^step-(\d+)$")
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:06d}"
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
@@ -185,31 +186,15 @@ class CheckpointManager:
         self.prune()
         return final
 
-    @staticmethod
-    def is_complete(folder: Path) -> bool:
-        return folder.is_dir() and STEP_PATTERN.match(folder.name) is not None and (folder / TRAINER_STATE).is_file()
+    is_complete = staticmethod(is_complete_checkpoint)
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         """Complete checkpoints, oldest first."""
-        if not self.output_dir.is_dir():
-            return []
-        found = []
-        for folder in self.output_dir.iterdir():
-            match = STEP_PATTERN.match(folder.name)
-            if match and self.is_complete(folder):
-                found.append((int(match.group(1)), folder))
-        return sorted(found)
+        return complete_checkpoints(self.output_dir)
 
     def latest(self) -> Path | None:
         """The checkpoint ``latest`` names, or the newest complete one when the pointer is missing or broken."""
-        pointer = self.output_dir / LATEST
-        if pointer.is_file():
-            folder = self.output_dir / pointer.read_text(encoding="utf-8").strip()
-            if self.is_complete(folder):
-                return folder
-            logger.warning("%s names %s, which is not a complete checkpoint; using the newest one", pointer, folder)
-        found = self.checkpoints()
-        return found[-1][1] if found else None
+        return latest_checkpoint(self.output_dir)
 
     def prune(self) -> None:
         """Keep the newest ``keep_last`` checkpoints."""
@@ -225,16 +210,6 @@ class CheckpointManager:
                     shutil.rmtree(folder, ignore_errors=True)
 
 
-def resolve_model_folder(path: str | os.PathLike[str]) -> Path:
-    """A model folder from ``path``: ``path`` itself when it holds a ``config.json``, else — a training run's
-    ``output_dir`` — its latest complete checkpoint; ``path`` unchanged when it is neither (loading then reports)."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    latest = CheckpointManager(path).latest()
-    return latest if latest is not None else path
-
-
 __all__ = [
     "LATEST",
     "TRAINER_STATE",
@@ -244,7 +219,6 @@ __all__ = [
     "load_model_weights",
     "load_state",
     "read_json",
-    "resolve_model_folder",
     "restore_rng_state",
     "save_state",
     "step_dir_name",

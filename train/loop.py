@@ -35,8 +35,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from cloc_encoder.distributed import DistributedContext, init_distributed
 from train.metrics import MetricsLogger
-from train.runtime import DistributedContext, init_distributed
 from train.samplers import EvalBatchSampler, ResumableBatchSampler
 from train.trainer_state import Run, TrainerState, record_validation
 

@@ -1,7 +1,7 @@
-"""Process-level setup for training: device choice, the process group, cross-rank reductions, DeepSpeed config.
+"""Process-level setup for training: DeepSpeed config and scalar parameters, the trainers' shared command line.
 
-A run is distributed when the launcher sets ``RANK``/``WORLD_SIZE`` (``torchrun``, the ``deepspeed`` launcher, or
-by hand with ``MASTER_ADDR``/``MASTER_PORT``). The backend is ``nccl`` on CUDA and ``gloo`` on CPU.
+The process group itself (device choice, ranks, cross-rank reductions) is :mod:`cloc_encoder.distributed`'s, shared
+with data-parallel evaluation.
 """
 
 from __future__ import annotations
@@ -10,100 +10,22 @@ import argparse
 import json
 import logging
 import os
-import socket
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from torch import distributed as dist
 from torch import nn
 
-from train.cloc_config import CLOCTrainConfig, ConfigError
+from train.config import ConfigError
 
 
-@dataclass
-class DistributedContext:
-    """This process's place in the run."""
+class BatchConfig(Protocol):
+    """The fields of a train config (CLOC or MLLM) that :func:`deepspeed_config` reads."""
 
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    initialized_here: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized() and self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-    def reduce(self, values: dict[str, float], op: str = "mean") -> dict[str, float]:
-        """Mean, sum or max of each value over ranks (every rank must call this at the same point)."""
-        if not self.distributed or not values:
-            return dict(values)
-        keys = sorted(values)
-        tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        if op == "mean":
-            tensor /= self.world_size
-        return {k: float(v) for k, v in zip(keys, tensor.tolist(), strict=True)}
-
-    def shutdown(self) -> None:
-        if self.initialized_here and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; ``"cuda"`` without a GPU raises a clear error."""
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda was asked for but torch sees no CUDA GPU; use device=cpu or device=auto")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def free_port() -> int:
-    """An unused TCP port on 127.0.0.1 (for single-process DeepSpeed and tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def init_distributed(device_choice: str, use_deepspeed: bool = False) -> DistributedContext:
-    """Initialise the process group when launched distributed (or always under DeepSpeed, which needs one)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    device = resolve_device(device_choice, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    context = DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
-    if dist.is_available() and dist.is_initialized():
-        return context
-    if world_size == 1 and not use_deepspeed:
-        return context
-    if world_size == 1:  # DeepSpeed needs a process group even for one process; avoid its MPI discovery
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if use_deepspeed:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend=backend)
-    else:
-        dist.init_process_group(backend=backend)
-    context.initialized_here = True
-    return context
+    batch_size: int
+    gradient_accumulation_steps: int
+    grad_clip: float | None
+    precision: str
 
 
 def promote_scalar_parameters(model: nn.Module) -> dict[str, torch.Size]:
@@ -155,7 +77,7 @@ def _fill_auto(data: dict[str, Any], auto_values: dict[str, Any]) -> None:
 
 def deepspeed_config(
     path: str | os.PathLike[str],
-    config: CLOCTrainConfig,
+    config: BatchConfig,
     world_size: int,
     auto_values: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -192,17 +114,6 @@ def deepspeed_config(
     return data
 
 
-__all__ = [
-    "DistributedContext",
-    "checkpoint_state_dict",
-    "deepspeed_config",
-    "free_port",
-    "init_distributed",
-    "promote_scalar_parameters",
-    "resolve_device",
-]
-
-
 def launch_parser(prog: str, description: str, config_help: str) -> argparse.ArgumentParser:
     """The trainers' shared command line: ``--config``, ``--resume``, the launcher's ``--local_rank``, overrides."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -221,3 +132,13 @@ def prepare_launch(args: argparse.Namespace) -> str:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
     return rank
+
+
+__all__ = [
+    "BatchConfig",
+    "checkpoint_state_dict",
+    "deepspeed_config",
+    "launch_parser",
+    "prepare_launch",
+    "promote_scalar_parameters",
+]

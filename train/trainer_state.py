@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cloc_encoder.distributed import DistributedContext
 from train.checkpoint import (
     TRAINER_STATE,
     CheckpointManager,
@@ -31,9 +32,8 @@ from train.checkpoint import (
     save_state,
     write_json,
 )
-from train.cloc_config import ConfigError
+from train.config import ConfigError
 from train.metrics import MetricsLogger
-from train.runtime import DistributedContext
 
 logger = logging.getLogger(__name__)
 DEEPSPEED_TAG = "deepspeed"

@@ -15,13 +15,15 @@ Shards (many JSONL files) are read as one data set by :func:`read_region_text`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from cloc_encoder.boxes import BoxError, validate_box
 
@@ -215,37 +217,50 @@ def read_region_text(
     return list(iter_region_text(path, strict=strict, report=report))
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, fsync and ``os.replace``: readers see
-    the old file or the new one, never a torn one (the temporary file is removed if writing fails)."""
-    path = Path(path)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        try:
-            handle.write(text)
+@contextlib.contextmanager
+def _atomic_text_file(path: Path) -> Iterator[TextIO]:
+    """A text handle on a new temporary file next to ``path``, renamed over ``path`` (after fsync) when the block
+    ends without error and removed when it raises: readers see the old file or the new one, never a torn one.
+
+    The temporary file is created with ``os.open(..., 0o666)``, so the kernel applies the process umask (and any
+    default ACL) exactly as for a plain ``open(path, "w")``; nothing reads or changes the umask, which is
+    process-global and would race with other threads. When ``path`` already exists its permission bits are kept,
+    as ``open(path, "w")`` keeps them. (``tempfile`` would give 0600, hiding checkpoints and shards from the other
+    users of a cluster.)
+    """
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        with open(descriptor, "w", encoding="utf-8") as handle:
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(temporary, stat.S_IMODE(os.stat(path).st_mode))
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        except BaseException:
-            os.unlink(handle.name)
-            raise
-    os.replace(handle.name, path)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a temporary file in the same folder, fsync, ``os.replace``.
+    Readers see the old file or the new one, never a torn one; the new file gets the mode a plain ``open`` would
+    give (see :func:`_atomic_text_file`)."""
+    with _atomic_text_file(Path(path)) as handle:
+        handle.write(text)
 
 
 def write_region_text(records: Iterable[RegionTextRecord], path: str | os.PathLike[str]) -> int:
-    """Write records to ``path`` atomically (temporary file + rename). Returns the number written."""
+    """Write records to ``path`` atomically (as :func:`atomic_write_text`). Returns the number written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        try:
-            for record in records:
-                handle.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
-                count += 1
-            handle.flush()
-            os.fsync(handle.fileno())
-        except BaseException:
-            os.unlink(handle.name)
-            raise
-    os.replace(handle.name, path)
+    with _atomic_text_file(path) as handle:
+        for record in records:
+            handle.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
+            count += 1
     return count
 
 

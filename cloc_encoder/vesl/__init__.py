@@ -1,7 +1,7 @@
 """VESL (visually-enriched, spatially-localised) region pseudo-labelling for CLOC pretraining (docs/vesl.md).
 
 Re-caption each image, extract noun phrases, localise them with OWLv2, keep each box with its most confident
-phrase, and write region-text shards that ``train.cloc_pretrain`` reads. ``python -m cloc_encoder.vesl --help``.
+phrase, and write region-text shards that ``train.cloc.pretrain`` reads. ``python -m cloc_encoder.vesl --help``.
 """
 
 from cloc_encoder.vesl.config import VESLConfig, VESLConfigError

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from cloc_encoder.data.format import ReadReport, Region, RegionTextRecord
+from cloc_encoder.data.images import IMAGE_ERRORS
 from cloc_encoder.vesl.captioner import Captioner, HFCaptioner
 from cloc_encoder.vesl.config import VESLConfig, resolve_device
 from cloc_encoder.vesl.detector import Detection, Detector, OwlDetector
@@ -35,7 +36,6 @@ from cloc_encoder.vesl.shards import (
 
 logger = logging.getLogger(__name__)
 
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

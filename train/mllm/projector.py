@@ -14,9 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from train.cloc_config import ConfigError
-from train.mllm_trainable import unwrap
-from train.mllm_zero3 import full_shape, gathered
+from train.config import ConfigError
+from train.mllm.trainable import unwrap
+from train.mllm.zero3 import full_shape, gathered
 
 logger = logging.getLogger(__name__)
 MM_PROJECTOR_FILE = "mm_projector.safetensors"

@@ -7,7 +7,7 @@
   when the category words it contains (the words of every category of the split, e.g. the colours and shapes of the
   synthetic world) are exactly the target's. Chance is one over the number of categories.
 
-Questions use the training wording (:data:`train.mllm_conversations.GROUNDING_QUESTION`, ``REFERRING_QUESTION``)
+Questions use the training wording (:data:`mllm.prompts.GROUNDING_QUESTION`, ``REFERRING_QUESTION``)
 and the model's box codec. Ids are ``<record id>-g<region>-<expression>`` and ``<record id>-r<region>``, so
 predictions are matched by id, never by order.
 """
@@ -25,8 +25,8 @@ from cloc_encoder.boxes import box_iou_pairwise
 from cloc_encoder.data.format import RegionTextRecord
 from eval.mllm_generation import Question
 from mllm.box_codec import Box, BoxCodec
+from mllm.prompts import GROUNDING_QUESTION, REFERRING_QUESTION, with_article
 from mllm.tokenization import REGION_TOKEN
-from train.mllm_conversations import GROUNDING_QUESTION, REFERRING_QUESTION, with_article
 
 IOU_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 _WORD = re.compile(r"[a-z]+")

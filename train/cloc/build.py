@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,12 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from cloc_encoder import CLOCConfig, CLOCModel
 from cloc_encoder.data.format import RegionTextRecord
+from cloc_encoder.distributed import DistributedContext
 from cloc_encoder.factory import build_cloc_model, load_from_clip, preset_config
 from cloc_encoder.tokenization import train_caption_tokenizer
-from train.cloc_config import CLOCTrainConfig, ConfigError
-from train.runtime import DistributedContext
+from train.cloc.config import CLOCTrainConfig
+from train.config import ConfigError
+from train.schedule import lr_factor
 
 logger = logging.getLogger(__name__)
 
@@ -139,19 +140,6 @@ def build_optimizer(model: nn.Module, config: CLOCTrainConfig) -> torch.optim.Ad
     )
 
 
-def lr_factor(warmup_steps: int, max_steps: int, min_ratio: float) -> Callable[[int], float]:
-    """Multiplier of the peak lr at optimizer step ``s`` (0-based): linear warm-up over ``warmup_steps`` steps
-    (``(s + 1) / warmup``, so the first step already learns), then cosine decay to ``min_ratio`` at ``max_steps``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
 def build_scheduler(optimizer: torch.optim.Optimizer, config: CLOCTrainConfig) -> LambdaLR:
     return LambdaLR(optimizer, lr_factor(config.warmup_steps, config.max_steps, config.min_lr_ratio))
 
@@ -162,7 +150,6 @@ __all__ = [
     "build_scheduler",
     "build_tokenizer",
     "check_model_overrides",
-    "lr_factor",
     "parameter_groups",
     "text_length",
     "training_texts",

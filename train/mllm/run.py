@@ -32,11 +32,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cloc_encoder.distributed import DistributedContext
 from train.checkpoint import TRAINER_STATE, read_json, write_json
-from train.mllm_data import INVALID_EXAMPLES
-from train.mllm_projector import MM_PROJECTOR_FILE, PROJECTOR_PREFIXES, save_projector
-from train.mllm_trainable import unwrap
-from train.runtime import DistributedContext
+from train.mllm.data import INVALID_EXAMPLES
+from train.mllm.projector import MM_PROJECTOR_FILE, PROJECTOR_PREFIXES, save_projector
+from train.mllm.trainable import unwrap
 from train.trainer_state import Run, TrainerState, load_run_checkpoint, save_run_checkpoint
 
 logger = logging.getLogger(__name__)

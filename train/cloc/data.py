@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from cloc_encoder.data.format import Region, RegionTextRecord
+from cloc_encoder.data.images import IMAGE_ERRORS
 from cloc_encoder.image_processing import CLOCImageProcessor
 from train.samplers import SampleKey
 
@@ -44,7 +45,6 @@ MODEL_INPUT_KEYS = (
     "region_input_ids",
     "region_attention_mask",
 )
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def _texts(region: Region) -> list[str]:

@@ -34,7 +34,7 @@ from cloc_encoder.boxes import box_iou_pairwise
 from cloc_encoder.data.format import RegionTextRecord
 from eval.mllm_generation import Question
 from mllm.box_codec import Box, BoxCodec
-from train.mllm_conversations import GROUNDING_QUESTION, with_article
+from mllm.prompts import GROUNDING_QUESTION, with_article
 
 PROTOCOLS = ("merged", "any")
 SPLITS = ("train", "val", "test")
@@ -160,7 +160,7 @@ def is_flickr30k_folder(path: str | Path) -> bool:
 def phrase_expression(phrase: str, sentence_initial: bool = False) -> str:
     """The phrase as it is put into "Where is <expression>?": a leading "a"/"an" becomes "the" ("A man in a hat"
     → "the man in a hat"); other determiners and quantifiers stay ("his hand", "some snow"); anything else gets
-    "the" (:func:`~train.mllm_conversations.with_article`: "two dogs" → "the two dogs"). The capital of a
+    "the" (:func:`~mllm.prompts.with_article`: "two dogs" → "the two dogs"). The capital of a
     sentence-initial phrase is lowered ("People" → "the people")."""
     words = phrase.split()
     if not words:

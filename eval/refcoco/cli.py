@@ -28,8 +28,8 @@ from eval.mllm_cli import (
     report_not_evaluated,
 )
 from eval.mllm_generation import TooManyFailuresError, model_identity
-from eval.refcoco_data import DATASETS, FORMATS, SPLITS, RefSample, images_folder, read_ref_samples
-from eval.refcoco_eval import (
+from eval.refcoco.data import DATASETS, FORMATS, SPLITS, RefSample, images_folder, read_ref_samples
+from eval.refcoco.evaluate import (
     REC_PROMPTS,
     REG_PROMPTS,
     evaluate_rec,

@@ -1,5 +1,5 @@
 """Build the pieces of an MLLM training run from its config: tokenizer, processor and model (what trains:
-:mod:`train.mllm_trainable`; the stage-1 projector file: :mod:`train.mllm_projector`).
+:mod:`train.mllm.trainable`; the stage-1 projector file: :mod:`train.mllm.projector`).
 
 The model comes from one of:
 
@@ -9,7 +9,7 @@ The model comes from one of:
   place); a part not given is the tiny one of :mod:`mllm.tiny`, and every new weight (projectors, tiny parts) comes
   from ``init_seed``, so stage 2 rebuilds exactly the frozen base stage 1 trained its projector against.
 
-Under a ZeRO-3 DeepSpeed config (``ds_config``) every part is built partitioned (:mod:`train.mllm_zero3`): loaded
+Under a ZeRO-3 DeepSpeed config (``ds_config``) every part is built partitioned (:mod:`train.mllm.zero3`): loaded
 parts through transformers' DeepSpeed integration, new modules under ``zero.Init``, the stage-1 projector copied in
 through gathered parameters; no rank holds the full model. Tiny parts are then initialised by transformers' ZeRO-3
 initialisation (rank 0, module by module): the same ``init_seed`` gives other values than without ZeRO-3, which
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from cloc_encoder.distributed import DistributedContext
 from cloc_encoder.image_processing import CLOCImageProcessor
 from mllm import CLOCLlavaConfig, CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor, CLOCVisionTower
 from mllm.chat_template import VICUNA_SYSTEM_PROMPT, VICUNA_V1_CHAT_TEMPLATE
@@ -38,12 +39,11 @@ from mllm.loading import load_pretrained_model, quantization_config_for
 from mllm.modeling_cloc_llava import CLOCLlavaProjector
 from mllm.tiny import TINY_CORPUS, tiny_config
 from mllm.tokenization import IMAGE_TOKEN, REGION_TOKEN, add_mllm_tokens, train_chat_tokenizer
-from train.cloc_config import ConfigError
-from train.mllm_config import MLLMTrainConfig
-from train.mllm_conversations import ConversationRecord
-from train.mllm_projector import load_projector
-from train.mllm_zero3 import gathered_state_dict, is_zero3, partition_remaining, sharded_build, zero_init
-from train.runtime import DistributedContext
+from train.config import ConfigError
+from train.mllm.config import MLLMTrainConfig
+from train.mllm.conversations import ConversationRecord
+from train.mllm.projector import load_projector
+from train.mllm.zero3 import gathered_state_dict, is_zero3, partition_remaining, sharded_build, zero_init
 
 logger = logging.getLogger(__name__)
 
@@ -323,8 +323,8 @@ def save_base_model(
     folder: Path,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the frozen base of a LoRA run (what ``train.merge_lora`` merges into) atomically; ``state_dict``: the
-    gathered weights of a partitioned model (:func:`train.mllm_zero3.gathered_state_dict`)."""
+    """Write the frozen base of a LoRA run (what ``train.mllm.merge_lora`` merges into) atomically; ``state_dict``: the
+    gathered weights of a partitioned model (:func:`train.mllm.zero3.gathered_state_dict`)."""
     if (folder / "config.json").is_file():
         return folder
     tmp = folder.with_name(folder.name + ".tmp")

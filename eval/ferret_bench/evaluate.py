@@ -1,6 +1,6 @@
 """``python -m eval ferret-bench``: answer the Ferret-Bench questions with a CLOC-LLaVA model, have an LLM judge
 compare each answer with GPT-4's, and report Ferret's relative scores. Data, prompts and scores:
-:mod:`eval.ferret_bench`; the judge client: :mod:`eval.judge`.
+:mod:`eval.ferret_bench.task`; the judge client: :mod:`eval.judge`.
 
 Writes, under ``--out``: ``predictions.jsonl`` (appended as produced; a rerun resumes), ``judge_cache.jsonl``
 (accepted judge replies by request hash; a rerun pays only for what is missing), ``reviews.jsonl`` (one line per
@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from eval.ferret_bench import (
+from eval.ferret_bench.task import (
     TASKS,
     FerretItem,
     answer_for_judge,

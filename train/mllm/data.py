@@ -37,8 +37,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from train.cloc_data import IMAGE_ERRORS
-from train.mllm_conversations import ConversationRecord
+from cloc_encoder.data.images import IMAGE_ERRORS
+from train.mllm.conversations import ConversationRecord
 from train.samplers import SampleKey
 
 logger = logging.getLogger(__name__)
@@ -267,7 +267,7 @@ class ConversationDataset(Dataset):
     """Conversation records → tokenised samples with labels (keys ``(epoch, index)`` or an index).
 
     Args:
-        records: from :func:`train.mllm_conversations.read_conversations`.
+        records: from :func:`train.mllm.conversations.read_conversations`.
         processor: the MLLM processor (chat template, tokenizer, image processor).
         max_length: token cap per sample (``None``: no cap).
         assistant_mask: see :func:`encode_conversation`.

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from mllm import CLOCLlavaForConditionalGeneration
-from train.cloc_config import ConfigError
-from train.mllm_config import MLLMTrainConfig
-from train.mllm_zero3 import full_numel, full_shape
+from train.config import ConfigError
+from train.mllm.config import MLLMTrainConfig
+from train.mllm.zero3 import full_numel, full_shape
 
 UNUSED_PROMPTER_PARTS = ("text_projection",)
 """Prompter parts the MLLM never uses (text prompts); kept frozen when the prompter is tuned."""

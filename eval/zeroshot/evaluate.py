@@ -39,10 +39,11 @@ from cloc_encoder.data.converters.coco import (
 )
 from cloc_encoder.data.converters.common import ConversionReport, load_json
 from cloc_encoder.data.format import RegionTextRecord
+from cloc_encoder.data.images import IMAGE_ERRORS
 from cloc_encoder.image_processing import CLOCImageProcessor, FrameTransform
 from cloc_encoder.modeling_cloc import CLOCModel
-from eval.encoder_eval import encode_texts
-from eval.encoder_metrics import region_classification, topk_accuracy
+from eval.encoder.evaluate import encode_texts
+from eval.encoder.metrics import region_classification, topk_accuracy
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class _ImageFiles(Dataset):
             with Image.open(self.paths[index]) as image:
                 image.load()
                 pixels, transform = self.processor.to_model_pixels(image)
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
+        except IMAGE_ERRORS as error:
             return _Loaded(index, None, None, f"{type(error).__name__}: {error}")
         return _Loaded(index, pixels, transform)
 
@@ -225,7 +226,7 @@ def evaluate_region_zeroshot(
     them are left out and counted as ``num_unknown_category``).
 
     Returns a JSON-ready dict: ``num_images``, ``num_skipped_images``, ``skipped_images``, ``num_regions``,
-    ``num_candidate_classes``, ``region_classification`` (:func:`~eval.encoder_metrics.region_classification`:
+    ``num_candidate_classes``, ``region_classification`` (:func:`~eval.encoder.metrics.region_classification`:
     ``accuracy``, ``mean_class_accuracy``, ``per_class``...) and ``settings``.
     """
     parameter = next(model.parameters())

@@ -23,7 +23,8 @@ from transformers import AutoTokenizer
 from cloc_encoder import CLOCModel
 from cloc_encoder.data.converters.common import ConversionError
 from cloc_encoder.image_processing import CLOCImageProcessor
-from eval.zeroshot import (
+from cloc_encoder.run_folder import resolve_model_folder
+from eval.zeroshot.evaluate import (
     ENSEMBLE_TEMPLATES,
     IMAGE_TEMPLATES,
     REGION_TEMPLATES,
@@ -33,7 +34,6 @@ from eval.zeroshot import (
     load_image_folder,
     load_instance_set,
 )
-from train.checkpoint import resolve_model_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TITLES = {"coco": "COCO region classification", "lvis": "LVIS region classification", "folder": "Image classification"}

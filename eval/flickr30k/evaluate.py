@@ -1,5 +1,5 @@
 """``python -m eval flickr30k``: phrase grounding Recall@1 of a CLOC-LLaVA model on Flickr30k Entities (or on a
-region-text split, each region's expressions as phrases). Questions and scores: :mod:`eval.flickr30k`.
+region-text split, each region's expressions as phrases). Questions and scores: :mod:`eval.flickr30k.task`.
 
 Writes, under ``--out``: ``predictions.jsonl`` (appended as produced; a rerun resumes), ``metrics.json``,
 ``metrics.md`` and ``eval_run.json``.
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cloc_encoder.data.format import ReadReport, read_region_text
-from eval.flickr30k import (
+from eval.flickr30k.task import (
     PROTOCOLS,
     SPLITS,
     PhraseSet,
