@@ -88,24 +88,15 @@ class CLOCLlavaPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
 
 
-class CLOCLlavaModel(CLOCLlavaPreTrainedModel):
-    """CLOC vision tower + image and region projectors + a language model without its LM head."""
+class CLOCLlavaVisualFeatures:
+    """The visual half of CLOC-LLaVA, shared by :class:`CLOCLlavaModel` and the vLLM model
+    (``serve/vllm_plugin/model.py``): a module with ``config`` (:class:`CLOCLlavaConfig`), ``vision_tower``,
+    ``multi_modal_projector`` and ``region_projector`` gets image and ``<region>`` features from it."""
 
-    def __init__(self, config: CLOCLlavaConfig) -> None:
-        super().__init__(config)
-        hidden = config.text_config.hidden_size
-        bias = config.multimodal_projector_bias
-        self.vision_tower = CLOCVisionTower._from_config(config.vision_config)
-        self.multi_modal_projector = CLOCLlavaProjector(
-            config.vision_config.vision_width, hidden, config.projector_type, bias
-        )
-        self.region_projector = CLOCLlavaProjector(
-            config.region_feature_size, hidden, config.region_projector_type, bias
-        )
-        self.language_model = AutoModel.from_config(config.text_config)
-        self.post_init()
-
-    # ----- visual features ----------------------------------------------------------------------------------------
+    config: CLOCLlavaConfig
+    vision_tower: CLOCVisionTower
+    multi_modal_projector: CLOCLlavaProjector
+    region_projector: CLOCLlavaProjector
 
     def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, CLOCImageState]:
         """One ViT pass: ``(B, 3, S, S)`` → projected image features ``(B, N, H)`` and the state the prompter
@@ -128,6 +119,24 @@ class CLOCLlavaModel(CLOCLlavaPreTrainedModel):
         pooled, embeddings = self.vision_tower.region_features(state, boxes.to(device), image_index.to(device))
         features = pooled if self.config.region_feature == "pooled" else embeddings
         return self.region_projector(features)
+
+
+class CLOCLlavaModel(CLOCLlavaVisualFeatures, CLOCLlavaPreTrainedModel):
+    """CLOC vision tower + image and region projectors + a language model without its LM head."""
+
+    def __init__(self, config: CLOCLlavaConfig) -> None:
+        super().__init__(config)
+        hidden = config.text_config.hidden_size
+        bias = config.multimodal_projector_bias
+        self.vision_tower = CLOCVisionTower._from_config(config.vision_config)
+        self.multi_modal_projector = CLOCLlavaProjector(
+            config.vision_config.vision_width, hidden, config.projector_type, bias
+        )
+        self.region_projector = CLOCLlavaProjector(
+            config.region_feature_size, hidden, config.region_projector_type, bias
+        )
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
 
     def get_placeholder_mask(
         self,
@@ -374,4 +383,5 @@ __all__ = [
     "CLOCLlavaModelOutputWithPast",
     "CLOCLlavaPreTrainedModel",
     "CLOCLlavaProjector",
+    "CLOCLlavaVisualFeatures",
 ]

@@ -3,8 +3,8 @@
 - Vision side: :class:`~mllm.vision_tower.CLOCVisionTower` (CLIP/SigLIP ViT + CLOC prompter) and two
   :class:`~mllm.modeling_cloc_llava.CLOCLlavaProjector` s, built from the checkpoint's config exactly as
   :class:`~mllm.CLOCLlavaModel` builds them. Image and region features are computed by
-  :meth:`CLOCLlavaModel.encode_images` and :meth:`CLOCLlavaModel.get_region_features` themselves (bound to this
-  class below), so the vLLM path computes the same features as ``generate`` by construction. These modules are
+  :class:`~mllm.modeling_cloc_llava.CLOCLlavaVisualFeatures`, the mixin ``CLOCLlavaModel`` uses too, so the vLLM
+  path computes the same features as ``generate`` by construction. These modules are
   plain PyTorch: under tensor parallelism every rank holds and runs a full copy (the tower is small next to the LLM).
 - Language model: vLLM's implementation of ``text_config``'s architecture (``LlamaForCausalLM``, ...), with paged
   attention, tensor and pipeline parallelism.
@@ -36,7 +36,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
 from mllm import CLOCLlavaConfig
-from mllm.modeling_cloc_llava import CLOCLlavaModel, CLOCLlavaProjector
+from mllm.modeling_cloc_llava import CLOCLlavaProjector, CLOCLlavaVisualFeatures
 from mllm.vision_tower import CLOCVisionTower
 from serve.vllm_plugin import TOKENIZER_MODE
 from serve.vllm_plugin.processing import (
@@ -61,7 +61,7 @@ def language_model_architecture(config: CLOCLlavaConfig) -> str:
 @MULTIMODAL_REGISTRY.register_processor(
     CLOCLlavaMultiModalProcessor, info=CLOCLlavaProcessingInfo, dummy_inputs=CLOCLlavaDummyInputsBuilder
 )
-class CLOCLlavaForConditionalGenerationVLLM(nn.Module, SupportsMultiModal, SupportsPP):
+class CLOCLlavaForConditionalGenerationVLLM(CLOCLlavaVisualFeatures, nn.Module, SupportsMultiModal, SupportsPP):
     """vLLM's CLOC-LLaVA (see the module docstring)."""
 
     hf_to_vllm_mapper = WeightsMapper(
@@ -73,10 +73,6 @@ class CLOCLlavaForConditionalGenerationVLLM(nn.Module, SupportsMultiModal, Suppo
             "lm_head.": "language_model.lm_head.",
         }
     )
-
-    # The MLLM's own feature code, bound to this module (same attribute names: config, vision_tower, projectors).
-    encode_images = CLOCLlavaModel.encode_images
-    get_region_features = CLOCLlavaModel.get_region_features
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
