@@ -110,6 +110,18 @@ class ConversionReport:
 # ----- conversion --------------------------------------------------------------------------------------------------
 
 
+def _read_source_config(src: Path) -> Any:
+    """The source folder's config; :class:`ConversionError` naming ``config.json`` when it is not a model folder."""
+    config_file = src / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"{src}: no config.json; --src must be a llava-hf checkpoint folder")
+    try:
+        return AutoConfig.from_pretrained(src, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConversionError(f"{config_file}: not a transformers model config ({first_line})") from error
+
+
 def convert_llava_hf(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -140,7 +152,7 @@ def convert_llava_hf(
     """
     src, out = Path(src), Path(out)
     _check_arguments(src, out, resize_mode, chat_template, dtype, overwrite)
-    llava = AutoConfig.from_pretrained(src)
+    llava = _read_source_config(src)
     check_llava_config(llava)
     source = read_safetensors_index(src)
     notes: list[str] = []

@@ -271,6 +271,21 @@ def test_missing_unknown_and_pickle_checkpoints_raise(source, tmp_path, capsys):
     assert "missing keys" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
+    # A folder that is not a model: one line naming the file, exit 2 (not transformers' traceback).
+    (tmp_path / "notes").mkdir()
+    assert main(["--src", str(tmp_path / "notes"), "--out", str(tmp_path / "out")]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: {tmp_path / 'notes'}: no config.json; --src must be a llava-hf checkpoint folder"
+    )
+    (tmp_path / "notes" / "config.json").write_text("{not json")
+    assert main(["--src", str(tmp_path / "notes"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"error: {tmp_path / 'notes' / 'config.json'}: not a transformers model config")
+        and err.count("\n") == 1
+    )
+
 
 def _save_cloc(path, width: int) -> CLOCModel:
     torch.manual_seed(2)

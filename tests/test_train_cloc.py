@@ -348,6 +348,21 @@ def _write_config(world: Path, output_dir: Path) -> Path:
     return path
 
 
+def test_command_line_names_a_data_file_without_usable_records(tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"id": "a"}\nnot json\n')
+    argv = [
+        "--config",
+        str(REPO / "train/configs/cloc_tiny.yaml"),
+        f"train_data={data}",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"train_data {data}: no usable region-text record" in err
+    assert "2 malformed skipped; first: " in err and f"{data}:1:" in err
+
+
 def test_max_minutes_stops_with_a_checkpoint(world, tmp_path):
     config = tiny_config(world, tmp_path / "timed", max_steps=1000, max_minutes=1e-4, log_every=10, tensorboard=False)
     result = train_cloc(config)

@@ -58,8 +58,16 @@ class TrainResult:
 
 
 def _load_records(path: str, what: str) -> list:
+    """The region-text records of ``path``; :class:`ConfigError` (one line, naming the file) when it is missing or
+    holds no usable record — with the count of malformed records and the first reason."""
     report = ReadReport()
-    records = read_region_text(path, report=report)
+    try:
+        records = read_region_text(path, report=report)
+    except FileNotFoundError as error:
+        raise ConfigError(f"{what}_data: {error}") from error
+    if not records:
+        first = f"; first: {report.skipped[0]}" if report.skipped else ""
+        raise ConfigError(f"{what}_data {path}: no usable region-text record ({report.summary()}{first})")
     if report.skipped:
         logger.warning("%s data %s: %s (first: %s)", what, path, report.summary(), report.skipped[0])
     return records
