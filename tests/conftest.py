@@ -74,7 +74,13 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pretrained_cloc(tmp_path_factory) -> PretrainedCLOC:
-    """CLOC pretraining with the shipped recipe (train/configs/cloc_tiny.yaml), shared by the learning tests."""
+    """CLOC pretraining with the shipped recipe (train/configs/cloc_tiny.yaml), shared by the learning tests.
+
+    It streams WebDataset tar shards converted from the world's ``train.jsonl`` (8 shards of 250 images), so the
+    learning test's bars, set from JSONL runs, compare the two pipelines (JSONL training: tests/test_train_cloc.py).
+    """
+    from cloc_encoder.data.format import read_region_text
+    from cloc_encoder.data.shards import write_shards
     from cloc_encoder.data.synthetic import SyntheticWorldConfig, generate_world
     from train.cloc.config import load_config
     from train.cloc.pretrain import train_cloc
@@ -82,10 +88,11 @@ def pretrained_cloc(tmp_path_factory) -> PretrainedCLOC:
     root = tmp_path_factory.mktemp("pretrained_cloc")
     world = root / "world"
     generate_world(SyntheticWorldConfig(), world, {"train": 2000, "test": 200})
+    write_shards(read_region_text(world / "train.jsonl"), world / "shards", samples_per_shard=250)
     config = load_config(
         REPO / "train/configs/cloc_tiny.yaml",
         [
-            f"train_data={world / 'train.jsonl'}",
+            f"train_data={world / 'shards'}/shard-{{00000..00007}}.tar",
             "val_data=null",
             f"output_dir={root / 'run'}",
             f"max_steps={PRETRAIN_STEPS}",

@@ -5,6 +5,11 @@ Calibration (this machine, batch 64, the tiny preset with the shipped recipe; do
 region classification (mean per-class accuracy over the 12 colour × shape classes, chance 8.3%) measured 82-90% and
 text→box grounding Acc@0.5 13-19% with random ViT position init, 22.5% (mIoU 0.27) with the recipe's sin-cos init,
 against ~2% (mIoU 0.09-0.14) for the untrained model. The assertions leave wide headroom under those numbers.
+
+Those calibration runs trained from the world's JSONL; the ``pretrained_cloc`` fixture now streams the same world as
+WebDataset tar shards (8 × 250 images, ``train.cloc.streaming``), so these bars also compare the two pipelines
+(issue 14: the tar run must land within the JSONL runs' spread). JSONL training stays covered by
+tests/test_train_cloc.py.
 """
 
 from __future__ import annotations

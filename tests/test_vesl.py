@@ -296,3 +296,38 @@ def test_ray_runner_matches_a_single_machine(env, straight):
         ray.shutdown()
     assert shard_files(out) == shard_files(straight.out)
     assert summary["records"] == 11 and summary["skipped_by_reason"] == straight.summary["skipped_by_reason"]
+
+
+def test_img2dataset_tars_get_regions_into_tar_shards_the_trainer_streams(env, tmp_path):
+    """An img2dataset download ({key}.jpg/.txt/.json in tars) → VESL with tar output → shards + sizes.json."""
+    import io
+
+    from cloc_encoder.data.shards import expand_shards, iter_shard_records, write_tar_shard
+    from train.cloc.streaming import shard_plan
+
+    records = read_region_text(env.inputs)[:6]
+    download = tmp_path / "download"
+    for index in range(2):
+        samples = []
+        for position, record in enumerate(records[index * 3 : index * 3 + 3]):
+            jpeg = io.BytesIO()
+            Image.open(record.image_path).convert("RGB").save(jpeg, format="JPEG")
+            key = f"{index:05d}{position:04d}"
+            meta = json.dumps({"key": key, "caption": "ignored", "status": "success"}).encode()
+            samples.append({"__key__": key, "jpg": jpeg.getvalue(), "txt": record.caption.encode(), "json": meta})
+        write_tar_shard(download / f"{index:05d}.tar", samples)
+    with pytest.raises(VESLConfigError, match="output_format='tar'"):
+        make_config(env, tmp_path / "bad", records=None, webdataset=str(download)).validate()
+    config = make_config(env, tmp_path / "out", records=None, webdataset=str(download), output_format="tar")
+    summary = run_vesl(config, extractor=env.extractor)
+    out = tmp_path / "out"
+    assert summary["images"] == 6 and sorted(p.name for p in out.glob("shard-*.tar")) == [
+        "shard-00000.tar",
+        "shard-00001.tar",
+    ]
+    assert not list(out.glob("shard-*.jsonl"))
+    sizes = json.loads((out / "sizes.json").read_text())
+    streamed = list(iter_shard_records(expand_shards(f"{out}/shard-{{00000..00001}}.tar")))
+    assert sum(sizes.values()) == summary["records"] == len(streamed) > 0
+    assert streamed[0].id == "00000/000000000" and streamed[0].caption == (records[0].caption or streamed[0].caption)
+    assert shard_plan(f"{out}/shard-{{00000..00001}}.tar", None, batch_size=1, world_size=1, seed=0).batches_per_epoch

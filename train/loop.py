@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from cloc_encoder.distributed import DistributedContext, init_distributed
 from train.metrics import MetricsLogger
-from train.samplers import EvalBatchSampler, ResumableBatchSampler
+from train.samplers import BatchSchedule, EvalBatchSampler, ResumableBatchSampler
 from train.trainer_state import Run, TrainerState, record_validation
 
 logger = logging.getLogger(__name__)
@@ -245,13 +245,16 @@ def start_run(
     run: Run,
     state: TrainerState,
     resume: Path | None,
-    sampler: ResumableBatchSampler,
+    sampler: ResumableBatchSampler | BatchSchedule,
     hooks: LoopHooks,
     *,
     find_unused_parameters: bool = False,
 ) -> Iterator[Any]:
     """Wrap the model in DDP when distributed without DeepSpeed, tidy ``output_dir``, and return the batches from
-    ``state``'s position (with the RNG restored when resuming); opens ``run.metrics``."""
+    ``state``'s position (with the RNG restored when resuming); opens ``run.metrics``.
+
+    ``sampler`` is a :class:`ResumableBatchSampler` over ``run.dataset`` (map-style), or a :class:`BatchSchedule`
+    that iterates over batches itself (streamed tar shards: :class:`train.cloc.streaming.StreamingBatches`)."""
     config, context = run.config, run.context
     if context.world_size > 1 and run.engine is None:
         device_ids = [context.device.index] if context.device.type == "cuda" else None
@@ -263,11 +266,14 @@ def start_run(
         config.save_yaml(Path(config.output_dir) / "train_config.yaml")
     sampler.start = state.micro_batches
     run.batches_per_epoch = sampler.batches_per_epoch
-    loader = DataLoader(
-        run.dataset, batch_sampler=sampler, collate_fn=hooks.collate, num_workers=config.num_workers,
-        generator=torch.Generator().manual_seed(config.seed), persistent_workers=config.num_workers > 0,
-        pin_memory=context.device.type == "cuda",
-    )  # fmt: skip
+    if isinstance(sampler, ResumableBatchSampler):
+        loader: Iterable[Any] = DataLoader(
+            run.dataset, batch_sampler=sampler, collate_fn=hooks.collate, num_workers=config.num_workers,
+            generator=torch.Generator().manual_seed(config.seed), persistent_workers=config.num_workers > 0,
+            pin_memory=context.device.type == "cuda",
+        )  # fmt: skip
+    else:  # a stream that makes its own batches (train.cloc.streaming)
+        loader = sampler
     batches = iter(loader)
     if resume is not None:
         run.restore_rng(resume)
@@ -296,7 +302,7 @@ def run_loop(
     run: Run,
     state: TrainerState,
     batches: Iterator[Any],
-    sampler: ResumableBatchSampler,
+    sampler: BatchSchedule,
     hooks: LoopHooks,
     *,
     val_dataset: Any = None,
@@ -319,7 +325,7 @@ def _loop(
     run: Run,
     state: TrainerState,
     batches: Iterator[Any],
-    sampler: ResumableBatchSampler,
+    sampler: BatchSchedule,
     hooks: LoopHooks,
     val_dataset: Any,
     start: float,

@@ -8,13 +8,25 @@ the uninterrupted run would have seen, on any number of data-loader workers.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from torch.utils.data import Sampler
 
 SampleKey = tuple[int, int]
 """``(epoch, index)``: what the sampler hands the dataset, so sampling is reproducible in any worker."""
+
+
+class BatchSchedule(Protocol):
+    """Where the training loop's batches fall in epochs: what it needs of a sampler or a batch stream.
+    ``start`` (batches already trained) is set before iteration begins."""
+
+    start: int
+    batches_per_epoch: int
+
+    def locate(self, batch_number: int) -> tuple[int, int]:
+        """``(epoch, position)`` of the ``batch_number``-th batch since the start of training."""
+        ...
 
 
 class ResumableBatchSampler(Sampler[list[SampleKey]]):
@@ -142,4 +154,4 @@ class LengthGroupedBatchSampler(ResumableBatchSampler):
         return result
 
 
-__all__ = ["EvalBatchSampler", "LengthGroupedBatchSampler", "ResumableBatchSampler", "SampleKey"]
+__all__ = ["BatchSchedule", "EvalBatchSampler", "LengthGroupedBatchSampler", "ResumableBatchSampler", "SampleKey"]

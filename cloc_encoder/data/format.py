@@ -219,8 +219,16 @@ def read_region_text(
 
 @contextlib.contextmanager
 def _atomic_text_file(path: Path) -> Iterator[TextIO]:
-    """A text handle on a new temporary file next to ``path``, renamed over ``path`` (after fsync) when the block
-    ends without error and removed when it raises: readers see the old file or the new one, never a torn one.
+    """A UTF-8 text handle on :func:`atomic_file` (see there)."""
+    with atomic_file(path, binary=False) as handle:
+        yield handle
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], *, binary: bool = True) -> Iterator[Any]:
+    """A handle (bytes, or UTF-8 text when not ``binary``) on a new temporary file next to ``path``, renamed over
+    ``path`` (after fsync) when the block ends without error and removed when it raises: readers see the old file
+    or the new one, never a torn one. (Tar shards are written through it too.)
 
     The temporary file is created with ``os.open(..., 0o666)``, so the kernel applies the process umask (and any
     default ACL) exactly as for a plain ``open(path, "w")``; nothing reads or changes the umask, which is
@@ -228,10 +236,12 @@ def _atomic_text_file(path: Path) -> Iterator[TextIO]:
     as ``open(path, "w")`` keeps them. (``tempfile`` would give 0600, hiding checkpoints and shards from the other
     users of a cluster.)
     """
+    path = Path(path)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    options: dict[str, Any] = {"mode": "wb"} if binary else {"mode": "w", "encoding": "utf-8"}
     try:
-        with open(descriptor, "w", encoding="utf-8") as handle:
+        with open(descriptor, **options) as handle:
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(temporary, stat.S_IMODE(os.stat(path).st_mode))
             yield handle
@@ -275,6 +285,8 @@ __all__ = [
     "RecordError",
     "Region",
     "RegionTextRecord",
+    "atomic_file",
+    "atomic_write_text",
     "iter_region_text",
     "parse_record",
     "read_region_text",

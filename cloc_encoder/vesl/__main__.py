@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="folder of images (searched recursively; ids are relative paths)")
     source.add_argument("--records", help="region-text JSONL file or folder of shards (their captions can be reused)")
+    source.add_argument(
+        "--webdataset", help="local img2dataset output: folder of *.tar or brace pattern (captions from {key}.txt)"
+    )
     parser.add_argument("--out", required=True, help="output folder of shards and manifests (resumed if it exists)")
     parser.add_argument("--detector", required=True, help="local OWLv2 folder (Owlv2ForObjectDetection + processor)")
     parser.add_argument("--captioner", help="local image-to-text model folder; omit to use the records' captions")
@@ -47,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--drop-images-without-regions", action="store_true", help="skip images with no box (default: keep them)"
     )
     parser.add_argument("--absolute-paths", action="store_true", help="write absolute image paths")
+    parser.add_argument(
+        "--format",
+        dest="output_format",
+        default=d.output_format,
+        choices=["jsonl", "tar", "both"],
+        help="shards as region-text JSONL, WebDataset tars with the images inside (+ sizes.json), or both",
+    )
     parser.add_argument("--shard-size", type=int, default=d.shard_size, help="inputs per shard")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="images per model call")
     parser.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
@@ -70,6 +80,8 @@ def config_from_args(args: argparse.Namespace) -> VESLConfig:
         detector=args.detector,
         images=args.images,
         records=args.records,
+        webdataset=args.webdataset,
+        output_format=args.output_format,
         captioner=args.captioner,
         recaption=not args.keep_captions,
         caption_prompt=args.caption_prompt,

@@ -34,6 +34,10 @@ class VESLConfig:
     """Local folder of an OWLv2 checkpoint (``Owlv2ForObjectDetection`` + its processor)."""
     images: str | None = None
     records: str | None = None
+    webdataset: str | None = None
+    """Local WebDataset tars of an img2dataset download (a folder of ``*.tar`` or a brace pattern): each sample's
+    image (``{key}.jpg``...) with its caption (``{key}.txt``, else ``caption`` in ``{key}.json``); ids are
+    ``<tar stem>/<key>``. Needs ``output_format="tar"`` (the images stay inside the tars)."""
     captioner: str | None = None
     """Local folder of a transformers image-to-text model; ``None`` uses the records' existing captions."""
     recaption: bool = True
@@ -55,6 +59,9 @@ class VESLConfig:
     """Images with a caption but no box still serve the image-level CLIP loss."""
     absolute_image_paths: bool = False
     """Write absolute image paths instead of paths relative to ``out``."""
+    output_format: Literal["jsonl", "tar", "both"] = "jsonl"
+    """Shards as region-text JSONL (images stay where they are), as WebDataset tars holding the image bytes
+    (``cloc_encoder.data.shards``, with ``sizes.json``), or both."""
     shard_size: int = 1000
     batch_size: int = 8
     device: str = "auto"
@@ -68,8 +75,14 @@ class VESLConfig:
 
     def validate(self) -> None:
         """Raise :class:`VESLConfigError` naming the first invalid field."""
-        if (self.images is None) == (self.records is None):
-            raise VESLConfigError("give exactly one input: 'images' (a folder) or 'records' (region-text JSONL)")
+        if sum(source is not None for source in (self.images, self.records, self.webdataset)) != 1:
+            raise VESLConfigError(
+                "give exactly one input: 'images' (a folder), 'records' (region-text JSONL) or 'webdataset' (tars)"
+            )
+        if self.output_format not in ("jsonl", "tar", "both"):
+            raise VESLConfigError(f"'output_format' must be jsonl, tar or both, got {self.output_format!r}")
+        if self.webdataset is not None and self.output_format != "tar":
+            raise VESLConfigError("'webdataset' inputs are written as tar shards: set output_format='tar'")
         if not self.detector:
             raise VESLConfigError("'detector' (a local OWLv2 folder) is required")
         if self.images is not None and self.captioner is None:
@@ -102,6 +115,9 @@ class VESLConfig:
     def fingerprint(self) -> str:
         """Hash of the settings that decide the output (not ``RUNTIME_FIELDS``); a resume must match it."""
         data = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        for key, default in (("webdataset", None), ("output_format", "jsonl")):  # added later: old runs resume
+            if data[key] == default:
+                del data[key]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -7,6 +7,7 @@ stage functions on the same chunks, so both produce the same shards.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import time
@@ -20,6 +21,7 @@ from PIL import Image
 
 from cloc_encoder.data.format import ReadReport, Region, RegionTextRecord
 from cloc_encoder.data.images import IMAGE_ERRORS
+from cloc_encoder.data.shards import is_tar_member, read_image_bytes
 from cloc_encoder.vesl.captioner import Captioner, HFCaptioner
 from cloc_encoder.vesl.config import VESLConfig, resolve_device
 from cloc_encoder.vesl.detector import Detection, Detector, OwlDetector
@@ -76,11 +78,11 @@ def load_images(items: Sequence[Item]) -> list[Image.Image | None]:
         image = None
         if item.skip is None:
             path = item.input.image
-            if not os.path.isfile(path):
+            if not (is_tar_member(path) or os.path.isfile(path)):
                 item.skip = f"missing image: {path}"
             else:
                 try:
-                    with Image.open(path) as opened:
+                    with Image.open(io.BytesIO(read_image_bytes(path)) if is_tar_member(path) else path) as opened:
                         opened.load()
                         image = opened.convert("RGB")
                     item.width, item.height = image.size
@@ -151,6 +153,7 @@ def finish_shard(out: Path, index: int, items: Sequence[Item], config: VESLConfi
         [(item.input.id, item.skip) for item in items if item.skip is not None],
         sum(len(item.phrases) for item in kept),
         config.fingerprint(),
+        config.output_format,
     )
 
 
@@ -206,7 +209,9 @@ def plan_run(config: VESLConfig) -> VESLPlan:
     out = prepare_output(config, inputs)
     shards = shard_inputs(inputs, config.shard_size)
     fingerprint = config.fingerprint()
-    pending = [k for k, shard in enumerate(shards) if not shard_is_done(out, k, shard, fingerprint)]
+    pending = [
+        k for k, shard in enumerate(shards) if not shard_is_done(out, k, shard, fingerprint, config.output_format)
+    ]
     if config.max_shards is not None:
         pending = pending[: config.max_shards]
     return VESLPlan(out, shards, pending, report.skipped)

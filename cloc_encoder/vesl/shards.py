@@ -4,9 +4,11 @@ Layout of ``out``::
 
     vesl.json                      # the run: settings, their fingerprint, the number of inputs and their hash
     shard-00000.jsonl              # region-text records of inputs 0 .. shard_size-1 (docs/data_format.md)
+    shard-00000.tar                # with output_format tar/both: the same records with their image bytes
     shard-00000.manifest.json      # written after the shard: its input ids, counts, skipped inputs and why
     ...
     summary.json                   # totals over all finished shards (rewritten at the end of every run)
+    sizes.json                     # with tar shards: records per finished tar (what the trainer needs)
 
 A shard counts as done only when its manifest exists and matches the run (fingerprint and input ids), so a run
 killed at any point restarts at the first unfinished shard, and a half-written shard never exists (the JSONL and
@@ -31,6 +33,14 @@ from cloc_encoder.data.format import (
     atomic_write_text,
     iter_region_text,
     write_region_text,
+)
+from cloc_encoder.data.shards import (
+    encode_sample,
+    iter_tar_inputs,
+    read_image_bytes,
+    sample_key,
+    write_sizes,
+    write_tar_shard,
 )
 from cloc_encoder.vesl.config import VESLConfig, VESLConfigError
 
@@ -57,7 +67,9 @@ def shard_name(index: int) -> str:
 def list_inputs(config: VESLConfig, report: ReadReport | None = None) -> list[VESLInput]:
     """The run's inputs in a fixed order: image files sorted by relative path (id = that path), or records in
     file order (id = record id; malformed lines are skipped into ``report``). Ids must be unique."""
-    if config.images is not None:
+    if config.webdataset is not None:
+        inputs = [VESLInput(key, reference, caption) for key, reference, caption in iter_tar_inputs(config.webdataset)]
+    elif config.images is not None:
         root = Path(config.images)
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: image folder not found")
@@ -70,7 +82,7 @@ def list_inputs(config: VESLConfig, report: ReadReport | None = None) -> list[VE
         records = iter_region_text(str(config.records), report=report)
         inputs = [VESLInput(r.id, os.path.abspath(r.image_path), r.caption) for r in records]
     if not inputs:
-        raise VESLConfigError(f"no inputs found in {config.images or config.records}")
+        raise VESLConfigError(f"no inputs found in {config.images or config.records or config.webdataset}")
     duplicates = [key for key, count in Counter(i.id for i in inputs).items() if count > 1]
     if duplicates:
         raise VESLConfigError(f"input ids must be unique; repeated: {duplicates[:5]}")
@@ -119,13 +131,20 @@ def read_manifest(out: Path, index: int) -> dict[str, Any] | None:
         return None
 
 
-def shard_is_done(out: Path, index: int, shard: Sequence[VESLInput], fingerprint: str) -> bool:
+def shard_suffixes(output_format: str) -> tuple[str, ...]:
+    """The data files of one shard: ``.jsonl``, ``.tar`` or both."""
+    return {"jsonl": (".jsonl",), "tar": (".tar",), "both": (".jsonl", ".tar")}[output_format]
+
+
+def shard_is_done(
+    out: Path, index: int, shard: Sequence[VESLInput], fingerprint: str, output_format: str = "jsonl"
+) -> bool:
     manifest = read_manifest(out, index)
     return (
         manifest is not None
         and manifest.get("fingerprint") == fingerprint
         and manifest.get("inputs") == [item.id for item in shard]
-        and (out / f"{shard_name(index)}.jsonl").is_file()
+        and all((out / f"{shard_name(index)}{suffix}").is_file() for suffix in shard_suffixes(output_format))
     )
 
 
@@ -137,9 +156,20 @@ def write_shard(
     skipped: Sequence[tuple[str, str]],
     phrases: int,
     fingerprint: str,
+    output_format: str = "jsonl",
 ) -> dict[str, Any]:
-    """Write the shard's JSONL, then its manifest (both atomically); returns the manifest."""
-    write_region_text(records, out / f"{shard_name(index)}.jsonl")
+    """Write the shard's JSONL and/or tar (the images of ``shard`` read again), then its manifest (each
+    atomically); returns the manifest."""
+    if output_format in ("jsonl", "both"):
+        write_region_text(records, out / f"{shard_name(index)}.jsonl")
+    if output_format in ("tar", "both"):
+        sources = {item.id: item.image for item in shard}
+        samples = []
+        for position, record in enumerate(records):
+            source = sources[record.id]
+            ext = Path(source.rpartition("#")[2] or source).suffix
+            samples.append(encode_sample(record, read_image_bytes(source), ext, sample_key(position)))
+        write_tar_shard(out / f"{shard_name(index)}.tar", samples)
     manifest = {
         "shard": index,
         "fingerprint": fingerprint,
@@ -178,6 +208,10 @@ def summarize(out: Path, num_shards: int, malformed: Sequence[str] = ()) -> dict
         "malformed_input_records": len(malformed),
     }
     atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    sizes = {f"{shard_name(m['shard'])}.tar": m["records"] for m in manifests}
+    sizes = {name: count for name, count in sizes.items() if (out / name).is_file()}
+    if sizes:
+        write_sizes(out, sizes)
     return summary
 
 
@@ -203,6 +237,7 @@ __all__ = [
     "shard_inputs",
     "shard_is_done",
     "shard_name",
+    "shard_suffixes",
     "summarize",
     "write_shard",
 ]

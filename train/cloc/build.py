@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ def check_model_overrides(overrides: dict[str, Any], reference: CLOCConfig) -> N
                     raise ConfigError(f"unknown config key 'model_overrides.{key}.{sub_key}'")
 
 
-def training_texts(records: Sequence[RegionTextRecord]) -> list[str]:
+def training_texts(records: Iterable[RegionTextRecord]) -> list[str]:
     """Every caption, region caption and referring expression (the tokenizer's training corpus)."""
     texts = []
     for record in records:
@@ -61,13 +61,14 @@ def _text_positions(config: CLOCTrainConfig) -> int:
 
 def build_tokenizer(
     config: CLOCTrainConfig,
-    records: Sequence[RegionTextRecord],
+    records: Iterable[RegionTextRecord],
     context: DistributedContext,
     resume_dir: Path | None = None,
 ) -> PreTrainedTokenizerBase:
     """The run's tokenizer, in this order: the resumed checkpoint's, ``config.tokenizer``, the one in
     ``init_from``, the one saved in ``output_dir/tokenizer`` by an earlier start, or a BPE trained on the training
-    texts (by rank 0, saved to ``output_dir/tokenizer`` and loaded from there by every rank)."""
+    texts (by rank 0, saved to ``output_dir/tokenizer`` and loaded from there by every rank). ``records`` is only
+    iterated in that last case (it may be a lazy stream)."""
     if resume_dir is not None and (resume_dir / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(resume_dir)
     if config.tokenizer:

@@ -26,7 +26,15 @@ class CLOCTrainConfig:
 
     # data
     train_data: str = ""
-    """A region-text JSONL file or a folder of JSONL shards (``docs/data_format.md``)."""
+    """A region-text JSONL file or a folder of JSONL shards (``docs/data_format.md``, read into memory, exact
+    resume), or WebDataset tar shards (streamed, :mod:`train.cloc.streaming`): a brace pattern
+    (``shards/shard-{00000..00099}.tar``), a ``::``-joined list, ``http(s)://`` or ``pipe:`` URLs."""
+    train_shard_sizes: str | None = None
+    """Tar shards: their ``sizes.json`` (a path or URL, ``pipe:`` too); default: beside local shards."""
+    shuffle_buffer: int = 1000
+    """Tar shards: samples each DataLoader worker shuffles in memory (0: shard order)."""
+    max_skipped_fraction: float = 0.01
+    """Tar shards: a rank stops (TooManySkipsError) after more than 10 + this fraction of its samples were unusable."""
     val_data: str | None = None
     max_regions_per_image: int = 4
     """M: regions sampled per image per step (paper: 4); also written into the model config (grounding loss)."""
@@ -95,11 +103,20 @@ class CLOCTrainConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
-        for key in ("warmup_steps", "eval_every", "save_every", "num_workers", "max_regions_per_image"):
+        for key in (
+            "warmup_steps",
+            "eval_every",
+            "save_every",
+            "num_workers",
+            "max_regions_per_image",
+            "shuffle_buffer",
+        ):
             if getattr(self, key) < 0:
                 raise ConfigError(f"config key {key!r} must be >= 0, got {getattr(self, key)}")
         if self.lr <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"config keys 'lr' (> 0) / 'min_lr_ratio' (0..1) invalid: {self.lr}, {self.min_lr_ratio}")
+        if not 0.0 <= self.max_skipped_fraction <= 1.0:
+            raise ConfigError(f"config key 'max_skipped_fraction' must be in [0, 1], got {self.max_skipped_fraction}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError(f"config key 'max_minutes' must be > 0, got {self.max_minutes}")
         if self.max_text_length is not None and self.max_text_length < 2:

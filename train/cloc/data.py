@@ -51,6 +51,56 @@ def _texts(region: Region) -> list[str]:
     return ([region.caption] if region.caption else []) + [e for e in region.expressions if e]
 
 
+class RegionTextEncoder:
+    """One record and its loaded image → a model-ready sample (shared by the map-style JSONL dataset and the
+    streamed tar shards of :mod:`train.cloc.streaming`).
+
+    Args:
+        processor: maps images to ``(3, S, S)`` pixels and original-frame boxes to model-frame boxes.
+        tokenizer: text tokenizer; every text is padded/truncated to ``max_length`` tokens.
+        max_regions: M, regions sampled per image (0 disables regions).
+    """
+
+    def __init__(
+        self, processor: CLOCImageProcessor, tokenizer: PreTrainedTokenizerBase, *, max_regions: int, max_length: int
+    ) -> None:
+        self.processor = processor
+        self.tokenizer = tokenizer
+        self.max_regions = max_regions
+        self.max_length = max_length
+
+    def __call__(self, record: RegionTextRecord, image: Image.Image, rng: np.random.Generator) -> dict[str, Any]:
+        """Pixels, caption tokens and up to M regions with one text each (drawn with ``rng``)."""
+        regions = [region for region in record.regions if _texts(region)] if self.max_regions else []
+        boxes = [region.box for region in regions]
+        features = self.processor([image], boxes=[boxes])
+        model_boxes = features["boxes"][0]
+        usable = [i for i in range(len(regions)) if bool((model_boxes[i, 2:] > model_boxes[i, :2]).all())]
+        chosen = sorted(rng.permutation(len(usable))[: self.max_regions].tolist()) if usable else []
+        chosen = [usable[i] for i in chosen]
+        region_texts = []
+        for i in chosen:
+            options = _texts(regions[i])
+            region_texts.append(options[int(rng.integers(len(options)))])
+        tokens = self.tokenizer(
+            [record.caption, *region_texts],
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return {
+            "id": record.id,
+            "pixel_values": features["pixel_values"][0],
+            "input_ids": tokens["input_ids"][0],
+            "attention_mask": tokens["attention_mask"][0],
+            "region_boxes": model_boxes[chosen].reshape(-1, 4),
+            "region_input_ids": tokens["input_ids"][1:],
+            "region_attention_mask": tokens["attention_mask"][1:],
+            "region_texts": region_texts,
+        }
+
+
 class RegionTextDataset(Dataset):
     """Region-text records → model-ready samples.
 
@@ -75,6 +125,7 @@ class RegionTextDataset(Dataset):
         if not records:
             raise ValueError("the region-text data set is empty")
         self.records = list(records)
+        self.encoder = RegionTextEncoder(processor, tokenizer, max_regions=max_regions, max_length=max_length)
         self.processor = processor
         self.tokenizer = tokenizer
         self.max_regions = max_regions
@@ -120,35 +171,8 @@ class RegionTextDataset(Dataset):
         raise RuntimeError(f"none of the {len(self.records)} images of the data set could be read: {skipped[:3]}")
 
     def encode(self, record: RegionTextRecord, image: Image.Image, rng: np.random.Generator) -> dict[str, Any]:
-        """One record and its loaded image → pixels, caption tokens and up to M regions with one text each."""
-        regions = [region for region in record.regions if _texts(region)] if self.max_regions else []
-        boxes = [region.box for region in regions]
-        features = self.processor([image], boxes=[boxes])
-        model_boxes = features["boxes"][0]
-        usable = [i for i in range(len(regions)) if bool((model_boxes[i, 2:] > model_boxes[i, :2]).all())]
-        chosen = sorted(rng.permutation(len(usable))[: self.max_regions].tolist()) if usable else []
-        chosen = [usable[i] for i in chosen]
-        region_texts = []
-        for i in chosen:
-            options = _texts(regions[i])
-            region_texts.append(options[int(rng.integers(len(options)))])
-        tokens = self.tokenizer(
-            [record.caption, *region_texts],
-            padding="max_length",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-        return {
-            "id": record.id,
-            "pixel_values": features["pixel_values"][0],
-            "input_ids": tokens["input_ids"][0],
-            "attention_mask": tokens["attention_mask"][0],
-            "region_boxes": model_boxes[chosen].reshape(-1, 4),
-            "region_input_ids": tokens["input_ids"][1:],
-            "region_attention_mask": tokens["attention_mask"][1:],
-            "region_texts": region_texts,
-        }
+        """One record and its loaded image → pixels, caption tokens and up to M regions (:class:`RegionTextEncoder`)."""
+        return self.encoder(record, image, rng)
 
 
 @dataclass
@@ -199,5 +223,6 @@ __all__ = [
     "MODEL_INPUT_KEYS",
     "CLOCBatch",
     "RegionTextDataset",
+    "RegionTextEncoder",
     "collate_cloc",
 ]

@@ -12,20 +12,22 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cloc_encoder.data.format import ReadReport, read_region_text
+from cloc_encoder.data.format import ReadReport, RegionTextRecord, read_region_text
+from cloc_encoder.data.shards import expand_shards, is_shard_spec, iter_shard_records
 from cloc_encoder.image_processing import CLOCImageProcessor
 from train.checkpoint import read_json
 from train.cloc.build import build_model, build_optimizer, build_scheduler, build_tokenizer, text_length
 from train.cloc.config import CLOCTrainConfig, load_config
-from train.cloc.data import CLOCBatch, RegionTextDataset, collate_cloc
+from train.cloc.data import CLOCBatch, RegionTextDataset, RegionTextEncoder, collate_cloc
 from train.cloc.run import CLOCRun, load_checkpoint, save_checkpoint
+from train.cloc.streaming import StreamingBatches, shard_plan
 from train.config import ConfigError
 from train.loop import LoopHooks, distributed_session, forward, run_loop, start_run
 from train.runtime import (
@@ -38,6 +40,8 @@ from train.samplers import ResumableBatchSampler
 from train.trainer_state import TrainerState, open_output_dir
 
 logger = logging.getLogger(__name__)
+TOKENIZER_SAMPLES = 20_000
+"""Streamed data: a tokenizer trained here learns from the texts of the first this many samples."""
 LOSS_TERMS = ("loss", "loss_clip", "loss_region", "loss_grounding", "region_weight")
 
 
@@ -109,16 +113,43 @@ def _hooks(run: CLOCRun) -> LoopHooks:
     )
 
 
+def _stream(config: CLOCTrainConfig, context: Any, encoder: RegionTextEncoder) -> StreamingBatches:
+    """The batches of ``config.train_data``'s tar shards for this rank (:mod:`train.cloc.streaming`)."""
+    try:
+        plan = shard_plan(
+            config.train_data, config.train_shard_sizes, batch_size=config.batch_size,
+            world_size=context.world_size, seed=config.seed,
+        )  # fmt: skip
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"train_data={config.train_data}: {error}") from error
+    logger.info(
+        "streaming %d tar shards (%d samples), %d batches of %d per rank and epoch",
+        len(plan.urls), sum(plan.sizes), plan.batches_per_epoch, config.batch_size,
+    )  # fmt: skip
+    return StreamingBatches(
+        plan, encoder, collate_cloc, rank=context.rank, num_workers=config.num_workers,
+        shuffle_buffer=config.shuffle_buffer, max_skipped_fraction=config.max_skipped_fraction,
+    )  # fmt: skip
+
+
 def _build_run(config: CLOCTrainConfig, context: Any) -> tuple[CLOCRun, Path | None, RegionTextDataset | None]:
     manager, resume = open_output_dir(config, context)
-    records = _load_records(config.train_data, "train")
+    streamed = is_shard_spec(config.train_data)
+    if streamed:  # the tokenizer (when one is trained) learns from the texts of the first samples
+        records: Iterable[RegionTextRecord] = iter_shard_records(expand_shards(config.train_data), TOKENIZER_SAMPLES)
+    else:
+        records = _load_records(config.train_data, "train")
     tokenizer = build_tokenizer(config, records, context, resume)
     model = build_model(config, tokenizer)
     processor = CLOCImageProcessor.for_model(model.config, resize_mode=config.resize_mode)
     length = text_length(config, model)
     options = {"max_regions": config.max_regions_per_image, "max_length": length, "seed": config.seed}
-    dataset = RegionTextDataset(records, processor, tokenizer, **options)
+    encoder = RegionTextEncoder(processor, tokenizer, max_regions=config.max_regions_per_image, max_length=length)
+    stream = _stream(config, context, encoder) if streamed else None
+    dataset = stream if stream is not None else RegionTextDataset(records, processor, tokenizer, **options)
     val = None
+    if config.val_data and is_shard_spec(config.val_data):
+        raise ConfigError(f"val_data={config.val_data}: validation reads a region-text JSONL file, not tar shards")
     if config.val_data:
         val = RegionTextDataset(_load_records(config.val_data, "val"), processor, tokenizer, **options)
     model.to(context.device).train()
@@ -140,6 +171,7 @@ def _build_run(config: CLOCTrainConfig, context: Any) -> tuple[CLOCRun, Path | N
         max_steps=config.max_steps,
         precision=config.precision,
         scalar_shapes=scalar_shapes,
+        stream=stream,
     )
     if config.deepspeed:
         import deepspeed
@@ -168,9 +200,13 @@ def train_cloc(config: CLOCTrainConfig, step_callback: Callable[[TrainerState], 
         if resume is not None:
             state = load_checkpoint(run, resume)
             logger.info("resumed from %s at step %d", resume, state.step)
-        sampler = ResumableBatchSampler(
-            len(run.dataset), config.batch_size, seed=config.seed, rank=context.rank, world_size=context.world_size
-        )
+        sampler: ResumableBatchSampler | StreamingBatches
+        if run.stream is not None:
+            sampler = run.stream
+        else:
+            sampler = ResumableBatchSampler(
+                len(run.dataset), config.batch_size, seed=config.seed, rank=context.rank, world_size=context.world_size
+            )
         hooks = _hooks(run)
         batches = start_run(run, state, resume, sampler, hooks)
         outcome = run_loop(
