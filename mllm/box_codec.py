@@ -11,6 +11,11 @@ Codecs, keyed by the config value ``CLOCLlavaConfig.box_codec``:
 - ``"float"`` (Shikra, lmms-eval's REC tasks): ``[0.123, 0.456, 0.789, 0.999]`` with 3 decimals; a round trip is
   within ``0.0005``.
 
+Reading is forgiving about which codec wrote a box: a box whose numbers have a decimal point (``[0.12, 0.3, 0.5,
+0.9]``, the float codec's and LLaVA-1.5's format) is read as 0–1 floats whatever the model's codec, since a model
+trained with several wordings (:data:`mllm.prompts.WORDINGS`) answers a prompt that asks for floats in floats;
+integers are read on the codec's grid.
+
 Parsing model output never raises. A bracketed group of exactly four finite numbers is a box; anything else is
 skipped (``parse_boxes`` → ``[]``, ``parse_first_box`` → ``None``). A parsed box is cleaned, not rejected:
 coordinates are clipped to ``[0, 1]`` and inverted corners are swapped so that ``x1 <= x2`` and ``y1 <= y2``
@@ -40,6 +45,11 @@ def _clean(values: Sequence[float]) -> Box | None:
         return None
     x1, y1, x2, y2 = (min(max(v, 0.0), 1.0) for v in values)
     return (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
+
+
+def _is_fractional(number: str) -> bool:
+    """Whether a written number has a decimal point or an exponent (``"0.25"``, ``"1e-1"``), unlike a grid integer."""
+    return any(mark in number for mark in ".eE")
 
 
 @dataclass(frozen=True)
@@ -79,8 +89,10 @@ class BoxCodec:
 
     def decode_match(self, match: re.Match[str]) -> Box | None:
         """One :data:`BOX_PATTERN` match → cleaned normalised box, or ``None`` when it is not a valid box."""
+        groups = match.groups()
+        scale = 1.0 if any(_is_fractional(group) for group in groups) else self.scale
         try:
-            values = [float(group) / self.scale for group in match.groups()]
+            values = [float(group) / scale for group in groups]
         except (ValueError, OverflowError):
             return None
         return _clean(values)

@@ -60,3 +60,14 @@ def test_garbage_never_raises(name, text):
     assert first == (found[0] if found else None)
     for box in found:
         assert 0.0 <= box[0] <= box[2] <= 1.0 and 0.0 <= box[1] <= box[3] <= 1.0
+
+
+def test_fractional_boxes_are_floats_whatever_the_codec():
+    # A model trained with several wordings answers a prompt that asks for floats in floats (LLaVA-1.5, lmms-eval):
+    # a box with decimal points is read on [0, 1] by the int999 codec too; integers stay on the codec's grid.
+    assert parse_first_box("[0.12, 0.3, 0.5, 1.0]") == pytest.approx((0.12, 0.3, 0.5, 1.0))
+    assert parse_first_box("[0.12, 300, 500, 999]") == (0.12, 1.0, 1.0, 1.0)  # one fractional number: all floats
+    assert parse_first_box("[120, 300, 500, 999]") == pytest.approx((120 / 999, 300 / 999, 500 / 999, 1.0))
+    assert parse_first_box("[0, 0, 1, 1]", "float") == (0.0, 0.0, 1.0, 1.0)
+    for box in ((0.1, 0.2, 0.3, 0.4), (0.0, 0.0, 1.0, 1.0)):
+        assert parse_first_box(encode_box(box, "float")) == pytest.approx(box)

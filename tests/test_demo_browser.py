@@ -20,6 +20,7 @@ from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
 from cloc_encoder.distributed import free_port
+from scripts.demo_screenshot import CHROMIUM_FLAGS, find_chromium
 from serve.boxes import BOX_COLOUR, REGION_COLOUR
 from serve.demo import EXAMPLES_DIR, build_demo, launch
 from tests.scripted_engine import scripted_engine
@@ -27,26 +28,16 @@ from tests.scripted_engine import scripted_engine
 EXAMPLE = EXAMPLES_DIR / "syn-test-000003.png"  # a large blue circle and a small red square
 CIRCLE = (0.109375, 0.390625, 0.5, 0.78125)
 SQUARE = (0.75, 0.328125, 0.90625, 0.484375)
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 TIMEOUT_MS = 60_000
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # pandas deprecations inside Gradio
 
 
 def chromium_path() -> str:
     """Debian's Chromium (or $CHROMIUM); fails, never skips, when it is missing."""
-    for candidate in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser"):
-        found = candidate and shutil.which(candidate)
-        if found:
-            return found
-    pytest.fail("the demo's browser test needs Chromium: `apt-get install -y chromium` (.ci/run installs it)")
+    found = find_chromium()
+    if found is None:
+        pytest.fail("the demo's browser test needs Chromium: `apt-get install -y chromium` (.ci/run installs it)")
+    return found
 
 
 def colour_pixels(data_url: str, colour: tuple[int, int, int]) -> int:

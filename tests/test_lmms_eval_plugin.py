@@ -25,6 +25,7 @@ datasets = pytest.importorskip("datasets", reason="datasets is not installed (co
 
 from eval import lmms_eval_plugin  # noqa: E402
 from eval.lmms_eval_plugin import rewrite_boxes, truncate_at, write_rec_task  # noqa: E402
+from eval.refcoco.export import refcoco_features  # noqa: E402
 from eval.regions.tasks import GroundingTarget, grounding_metrics  # noqa: E402
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor  # noqa: E402
 from mllm.box_codec import get_box_codec  # noqa: E402
@@ -93,16 +94,7 @@ def rec_task(tmp_path_factory) -> Path:
         columns["bbox"].append([float(v) for v in bbox])
         columns["iscrowd"].append(0)
         columns["file_name"].append(f"COCO_train2014_{index:012d}_{index}.jpg")
-    features = datasets.Features(
-        question_id=datasets.Value("string"),
-        image=datasets.Image(),
-        question=datasets.Value("string"),
-        answer=datasets.Sequence(datasets.Value("string")),
-        segmentation=datasets.Sequence(datasets.Value("float32")),
-        bbox=datasets.Sequence(datasets.Value("float32")),
-        iscrowd=datasets.Value("int64"),
-        file_name=datasets.Value("string"),
-    )
+    features = refcoco_features()
     datasets.Dataset.from_dict(columns, features=features).to_parquet(str(root / "val.parquet"))
     write_rec_task(root / "tasks", root / "val.parquet", task=TASK)
     return root / "tasks"

@@ -14,6 +14,7 @@ from PIL import Image
 from cloc_encoder.data.format import RecordError, read_region_text
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor, get_box_codec
 from mllm.chat_template import VICUNA_V1_CHAT_TEMPLATE
+from mllm.prompts import LMMS_EVAL_REC_PREAMBLE, WORDINGS
 from mllm.tiny import tiny_config
 from train.mllm.conversations import (
     conversation_read_report,
@@ -173,6 +174,40 @@ def test_converters_from_region_text(world, tmp_path):
     assert samples == conversations_from_record(record, tasks=["grounding", "referring", "caption"], seed=3)
     float_codec = conversations_from_record(record, tasks=["grounding"], codec="float")
     assert float_codec[0]["conversations"][1]["value"] == get_box_codec("float").encode(record.regions[0].box)
+
+
+def test_conversations_mix_wordings_with_their_codecs(world):
+    records = read_region_text(world / "train.jsonl")[:40]
+    samples = [
+        s
+        for record in records
+        for s in conversations_from_record(record, tasks=["grounding", "referring"], wordings=list(WORDINGS), seed=1)
+    ]
+    questions = {}
+    for sample in samples:
+        question, answer = sample["conversations"][0]["value"], sample["conversations"][1]["value"]
+        heads = {
+            name: (wording.grounding if sample["task"] == "grounding" else wording.referring).split("{")[0]
+            for name, wording in WORDINGS.items()
+        }
+        matching = [name for name, head in heads.items() if question.removeprefix("<image>\n").startswith(head)]
+        name = questions[id(sample)] = max(matching, key=lambda n: len(heads[n]))  # the longest head; ties: first
+        codec = get_box_codec(WORDINGS[name].box_codec or "int999")
+        box_text = answer if sample["task"] == "grounding" else question.split("[", 1)[1]
+        fractional = "." in box_text.split("]")[0]
+        assert fractional == (codec.name == "float"), (name, question, answer)  # floats where the prompt asks
+    # every wording is drawn, for both tasks (lmms-eval's referring question is LLaVA-1.5's)
+    drawn = {(s["task"], questions[id(s)]) for s in samples}
+    assert drawn == {("grounding", w) for w in WORDINGS} | {("referring", w) for w in ("default", "ferret", "llava")}
+    lmms = next(s for s in samples if questions[id(s)] == "lmms_eval" and s["task"] == "grounding")
+    assert lmms["conversations"][0]["value"].removeprefix("<image>\n").startswith(LMMS_EVAL_REC_PREAMBLE)
+    # the default wording alone gives the conversations of before (the wording draw uses its own random stream)
+    default = conversations_from_record(records[0], tasks=["grounding", "referring"], seed=1)
+    assert default == conversations_from_record(
+        records[0], tasks=["grounding", "referring"], wordings=["default"], seed=1
+    )
+    with pytest.raises(ValueError, match="unknown or no wording"):
+        conversations_from_record(records[0], wordings=["shikra"])
 
 
 def test_converter_cli_round_trip(world, tmp_path):

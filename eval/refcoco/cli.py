@@ -65,7 +65,7 @@ def add_refcoco_parsers(subparsers: Any) -> None:
         "Predictions are appended to OUT/predictions_rec.jsonl; a rerun resumes.",
     )
     _add_data_arguments(rec)
-    rec.add_argument("--prompt", choices=sorted(REC_PROMPTS), default="default", help="question wording")
+    rec.add_argument("--prompt", choices=REC_PROMPTS, default="default", help="question wording")
     rec.add_argument("--expressions", choices=("all", "first"), default="all", help="questions per object")
     add_model_arguments(rec, batch_size=16, max_new_tokens=32)
     rec.set_defaults(run=run_rec)
@@ -77,7 +77,7 @@ def add_refcoco_parsers(subparsers: Any) -> None:
         "object's referring expressions (docs/evaluation.md). Predictions go to OUT/predictions_reg.jsonl.",
     )
     _add_data_arguments(reg)
-    reg.add_argument("--prompt", choices=sorted(REG_PROMPTS), default="default", help="question wording")
+    reg.add_argument("--prompt", choices=REG_PROMPTS, default="default", help="question wording")
     reg.add_argument(
         "--tokenizer", choices=TOKENIZERS, default="auto", help="caption tokenizer: ptb (Java), simple, auto"
     )

@@ -11,8 +11,10 @@
   references with :func:`eval.caption_metrics.caption_metrics` (BLEU-4, METEOR, ROUGE-L, CIDEr). Question ids:
   the sample id.
 
-Prompts (``REC_PROMPTS`` / ``REG_PROMPTS``): ``default`` is the project's training wording
-(:mod:`mllm.prompts`), the others follow Ferret's and LLaVA-1.5's evaluation questions.
+Prompts (``REC_PROMPTS`` / ``REG_PROMPTS``) are the wordings of :data:`mllm.prompts.WORDINGS`: ``default`` is the
+project's own, ``ferret``, ``llava`` and ``lmms_eval`` follow Ferret's, LLaVA-1.5's and lmms-eval's questions; a
+wording that asks for 0–1 floats writes its regions with the float codec (answers are read either way,
+:mod:`mllm.box_codec`).
 
 Predictions are appended to ``predictions_<task>.jsonl`` under the output folder as they are produced and resumed by
 id (:mod:`eval.mllm_generation`); the batch size does not change them.
@@ -38,25 +40,17 @@ from eval.predictions import failed_ids, without_failed
 from eval.refcoco.data import RefSample
 from eval.regions.tasks import GroundingTarget, score_grounding
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor
-from mllm.prompts import GROUNDING_QUESTION, REFERRING_QUESTION, with_article
+from mllm.box_codec import get_box_codec
+from mllm.prompts import WORDINGS, get_wording
 
-REC_PROMPTS = {
-    "default": GROUNDING_QUESTION,  # "Where is {expression}?" with "the" added as in training
-    "ferret": "What is the location of {expression} in the image?",
-    "llava": "Please provide the bounding box coordinate of the region this sentence describes: {expression}",
-}
-REG_PROMPTS = {
-    "default": REFERRING_QUESTION,  # "What is {region}?"
-    "describe": "Please provide a short description for this region: {region}",
-}
+REC_PROMPTS = tuple(WORDINGS)
+REG_PROMPTS = tuple(WORDINGS)
 
 
 def rec_question_text(prompt: str, expression: str) -> str:
-    """The REC question for one expression; ``default`` adds an article as the training conversations do."""
-    if prompt not in REC_PROMPTS:
-        raise ValueError(f"REC prompt {prompt!r}; choose one of {sorted(REC_PROMPTS)}")
-    text = with_article(expression) if prompt == "default" else expression.strip()
-    return REC_PROMPTS[prompt].format(expression=text)
+    """The REC question for one expression in the wording ``prompt`` (``default`` adds an article, as the training
+    conversations do)."""
+    return get_wording(prompt).grounding_question(expression)
 
 
 def rec_questions(
@@ -81,13 +75,13 @@ def reg_questions(
 ) -> tuple[list[Question], dict[str, tuple[str, ...]]]:
     """One question per sample with references, the region written by ``processor.format_region`` and its exact
     box passed for the prompter; returns the questions and ``{id: references}``."""
-    if prompt not in REG_PROMPTS:
-        raise ValueError(f"REG prompt {prompt!r}; choose one of {sorted(REG_PROMPTS)}")
+    wording = get_wording(prompt)
+    codec = get_box_codec(wording.box_codec or processor.codec)
     questions, references = [], {}
     for sample in samples:
         if not sample.references:
             continue
-        text = REG_PROMPTS[prompt].format(region=processor.format_region(sample.box))
+        text = wording.referring_question(f"{codec.encode(sample.box)} {processor.region_token}")
         questions.append(Question(sample.id, sample.image, text, (sample.box,)))
         references[sample.id] = sample.references
     return questions, references
@@ -135,7 +129,7 @@ def evaluate_rec(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = settings or GenerationSettings(max_new_tokens=32)
-    extra = {"prompt": REC_PROMPTS[prompt], "expressions": expressions}
+    extra = {"prompt": get_wording(prompt).grounding, "expressions": expressions}
     _claim(out, "rec", model, processor, settings, identity, extra)
     questions, targets = rec_questions(samples, prompt, expressions)
     store = PredictionStore(out / "predictions_rec.jsonl")
@@ -170,7 +164,7 @@ def evaluate_reg(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = settings or GenerationSettings(max_new_tokens=48)
-    _claim(out, "reg", model, processor, settings, identity, {"prompt": REG_PROMPTS[prompt]})
+    _claim(out, "reg", model, processor, settings, identity, {"prompt": get_wording(prompt).referring})
     questions, references = reg_questions(samples, processor, prompt)
     store = PredictionStore(out / "predictions_reg.jsonl")
     predictions = answer_questions(model, processor, questions, store, settings, progress=progress)

@@ -43,6 +43,7 @@ from eval.regions.tasks import (
     score_referring,
 )
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor
+from mllm.prompts import DEFAULT_WORDING, WORDINGS
 
 REGION_TASKS = ("grounding", "referring")
 
@@ -58,10 +59,12 @@ def evaluate_regions(
     expressions: str = "first",
     progress: bool = True,
     identity: dict[str, Any] | None = None,
+    wording: str = DEFAULT_WORDING,
 ) -> dict[str, Any] | None:
     """Answer and score the questions of ``tasks`` on ``records``; ``train_records`` (optional) adds the constant-box
-    grounding baselines. Returns (and writes) the metrics; ``None`` on the ranks other than 0 of a data-parallel run
-    (:mod:`eval.distributed`), which only answer their share.
+    grounding baselines; ``wording`` names how the questions are asked (:data:`mllm.prompts.WORDINGS`). Returns
+    (and writes) the metrics; ``None`` on the ranks other than 0 of a data-parallel run (:mod:`eval.distributed`),
+    which only answer their share.
 
     ``identity`` (e.g. :func:`~eval.mllm_generation.model_identity` of the model folder) is recorded with the
     settings and the model's dtype and attention implementation in ``out_dir``; a rerun with a different model or
@@ -80,6 +83,7 @@ def evaluate_regions(
             "settings": settings.identity(),
             "expressions": expressions,
             "box_codec": processor.box_codec,
+            **({"wording": wording} if wording != DEFAULT_WORDING else {}),
         },
         model,
     )
@@ -87,9 +91,9 @@ def evaluate_regions(
     metrics: dict[str, Any] = {}
     for task in tasks:
         if task == "grounding":
-            questions, targets = grounding_questions(records, expressions)
+            questions, targets = grounding_questions(records, expressions, wording)
         else:
-            questions, targets = referring_questions(records, codec)
+            questions, targets = referring_questions(records, codec, wording)
         store = PredictionStore(out / f"predictions_{task}.jsonl")
         predictions = answer_questions(model, processor, questions, store, settings, progress=progress)
         if predictions is None:  # not rank 0 of a data-parallel run: rank 0 scores
@@ -143,6 +147,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--tasks", default=",".join(REGION_TASKS), help="comma-separated: grounding,referring")
     parser.add_argument("--train-data", type=Path, help="training split: adds the constant-box grounding baselines")
     parser.add_argument("--expressions", choices=("first", "all"), default="first", help="questions per region")
+    parser.add_argument("--wording", choices=tuple(WORDINGS), default=DEFAULT_WORDING, help="how questions are asked")
     parser.add_argument("--limit", type=int, help="evaluate only the first N records")
     add_model_arguments(parser)
     parser.set_defaults(run=run)
@@ -181,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
             settings=settings,
             train_records=train_records,
             expressions=args.expressions,
+            wording=args.wording,
             progress=not args.no_progress,
             identity={**model_identity(args.model), "data": str(args.data.resolve()), "limit": args.limit},
         )

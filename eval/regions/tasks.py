@@ -7,9 +7,10 @@
   when the category words it contains (the words of every category of the split, e.g. the colours and shapes of the
   synthetic world) are exactly the target's. Chance is one over the number of categories.
 
-Questions use the training wording (:data:`mllm.prompts.GROUNDING_QUESTION`, ``REFERRING_QUESTION``)
-and the model's box codec. Ids are ``<record id>-g<region>-<expression>`` and ``<record id>-r<region>``, so
-predictions are matched by id, never by order.
+Questions use the training wording (:data:`mllm.prompts.GROUNDING_QUESTION`, ``REFERRING_QUESTION``) and the
+model's box codec, or another wording of :data:`mllm.prompts.WORDINGS` (``wording``) with its codec. Ids are
+``<record id>-g<region>-<expression>`` and ``<record id>-r<region>``, so predictions are matched by id, never by
+order.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import torch
 from cloc_encoder.boxes import box_iou_pairwise
 from cloc_encoder.data.format import RegionTextRecord
 from eval.mllm_generation import Question
-from mllm.box_codec import Box, BoxCodec
-from mllm.prompts import GROUNDING_QUESTION, REFERRING_QUESTION, with_article
+from mllm.box_codec import Box, BoxCodec, get_box_codec
+from mllm.prompts import DEFAULT_WORDING, get_wording
 from mllm.tokenization import REGION_TOKEN
 
 IOU_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 10))
@@ -45,10 +46,11 @@ class ReferringTarget:
 
 
 def grounding_questions(
-    records: Sequence[RegionTextRecord], expressions: str = "first"
+    records: Sequence[RegionTextRecord], expressions: str = "first", wording: str = DEFAULT_WORDING
 ) -> tuple[list[Question], dict[str, GroundingTarget]]:
-    """One question per region expression (``"first"`` or ``"all"`` of each region's expressions); regions without
-    an expression are left out (a caption alone may not single a region out)."""
+    """One question per region expression (``"first"`` or ``"all"`` of each region's expressions), asked in
+    ``wording``; regions without an expression are left out (a caption alone may not single a region out)."""
+    asked = get_wording(wording)
     if expressions not in ("first", "all"):
         raise ValueError(f"expressions={expressions!r}; expected 'first' or 'all'")
     questions, targets = [], {}
@@ -57,7 +59,7 @@ def grounding_questions(
             texts = [e.strip() for e in region.expressions if e.strip()]
             for number, text in enumerate(texts[:1] if expressions == "first" else texts):
                 question_id = f"{record.id}-g{index}-{number}"
-                question = GROUNDING_QUESTION.format(expression=with_article(text))
+                question = asked.grounding_question(text)
                 box = tuple(float(v) for v in region.box)
                 questions.append(Question(question_id, record.image_path, question, target_box=box))  # type: ignore[arg-type]
                 targets[question_id] = GroundingTarget(question_id, box)  # type: ignore[arg-type]
@@ -65,9 +67,12 @@ def grounding_questions(
 
 
 def referring_questions(
-    records: Sequence[RegionTextRecord], codec: BoxCodec
+    records: Sequence[RegionTextRecord], codec: BoxCodec, wording: str = DEFAULT_WORDING
 ) -> tuple[list[Question], dict[str, ReferringTarget]]:
-    """One question per region that has a ``category``, the region written ``[box] <region>`` with its exact box."""
+    """One question per region that has a ``category``, asked in ``wording``, the region written ``[box] <region>``
+    (the wording's codec, else ``codec``) with its exact box."""
+    asked = get_wording(wording)
+    codec = get_box_codec(asked.box_codec or codec)
     questions, targets = [], {}
     for record in records:
         for index, region in enumerate(record.regions):
@@ -76,9 +81,7 @@ def referring_questions(
             question_id = f"{record.id}-r{index}"
             region_text = f"{codec.encode(region.box)} {REGION_TOKEN}"
             box = tuple(float(v) for v in region.box)
-            questions.append(
-                Question(question_id, record.image_path, REFERRING_QUESTION.format(region=region_text), (box,))
-            )
+            questions.append(Question(question_id, record.image_path, asked.referring_question(region_text), (box,)))
             targets[question_id] = ReferringTarget(question_id, region.category)
     return questions, targets
 

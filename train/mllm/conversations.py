@@ -35,7 +35,8 @@ Converters (:func:`conversations_from_records`, command line below) turn region-
 Command line::
 
     python -m train.mllm_conversations --data runs/world/train.jsonl --out runs/world/train_conv.json \\
-        --tasks grounding,referring,caption [--codec int999] [--max-turns 1] [--expression random] [--seed 0]
+        --tasks grounding,referring,caption [--codec int999] [--max-turns 1] [--expression random] [--seed 0] \\
+        [--wordings default,ferret,llava,lmms_eval]
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ import numpy as np
 from cloc_encoder.boxes import BoxError, validate_box
 from cloc_encoder.data.format import ReadReport, RecordError, RegionTextRecord, atomic_write_text, read_region_text
 from mllm.box_codec import BOX_PATTERN, DEFAULT_BOX_CODEC, get_box_codec
-from mllm.prompts import CAPTION_QUESTION, GROUNDING_QUESTION, REFERRING_QUESTION, with_article
+from mllm.prompts import CAPTION_QUESTION, DEFAULT_WORDING, WORDINGS, get_wording
 from mllm.tokenization import IMAGE_TOKEN, REGION_TOKEN
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -317,11 +318,20 @@ def _rng(seed: int, record_id: str, task: str) -> np.random.Generator:
 
 
 def _turns_for(
-    record: RegionTextRecord, task: str, codec_name: str, expression: str, seed: int, report: ConversionReport
+    record: RegionTextRecord,
+    task: str,
+    codec_name: str,
+    expression: str,
+    wordings: Sequence[str],
+    seed: int,
+    report: ConversionReport,
 ) -> list[tuple[str, str, list[list[float]]]]:
-    """``(question, answer, boxes of the question's <region>s)`` for every turn of one task on one record."""
-    codec = get_box_codec(codec_name)
+    """``(question, answer, boxes of the question's <region>s)`` for every turn of one task on one record.
+
+    Each turn is asked in one of ``wordings`` (drawn from ``(seed, record id, task)``), with that wording's box codec
+    (the model's, ``codec_name``, unless the wording asks for floats)."""
     rng = _rng(seed, record.id, task)
+    wording_rng = _rng(seed, record.id, f"{task}-wording")
     turns: list[tuple[str, str, list[list[float]]]] = []
     if task == "caption":
         if record.caption.strip():
@@ -331,6 +341,8 @@ def _turns_for(
         return turns
     for region in record.regions:
         expressions = [e.strip() for e in region.expressions if e.strip()]
+        wording = get_wording(wordings[int(wording_rng.integers(len(wordings)))])
+        codec = get_box_codec(wording.box_codec or codec_name)
         if task == "grounding":
             if not expressions:  # a caption alone may not single the region out ("the red circle" twice)
                 report.left_out["regions without an expression (grounding)"] += 1
@@ -342,15 +354,14 @@ def _turns_for(
             else:
                 chosen = expressions
             for text in chosen:
-                question = GROUNDING_QUESTION.format(expression=with_article(text))
-                turns.append((question, codec.encode(region.box), []))
+                turns.append((wording.grounding_question(text), codec.encode(region.box), []))
         else:  # referring
             answer = region.caption.strip() or (expressions[0] if expressions else "")
             if not answer:
                 report.left_out["regions without text (referring)"] += 1
                 continue
             region_text = f"{codec.encode(region.box)} {REGION_TOKEN}"
-            turns.append((REFERRING_QUESTION.format(region=region_text), answer, [list(region.box)]))
+            turns.append((wording.referring_question(region_text), answer, [list(region.box)]))
     return turns
 
 
@@ -361,6 +372,7 @@ def conversations_from_record(
     codec: str = DEFAULT_BOX_CODEC,
     max_turns: int = 1,
     expression: str = "random",
+    wordings: Sequence[str] = (DEFAULT_WORDING,),
     seed: int = 0,
     image: str | None = None,
     report: ConversionReport | None = None,
@@ -374,6 +386,8 @@ def conversations_from_record(
             follow the record's region order, with more the turns are shuffled (seeded by ``seed`` and the record).
         expression: grounding text per region: ``"random"`` (one, drawn from ``(seed, record id)``), ``"first"``,
             or ``"all"`` (one turn each).
+        wordings: names in :data:`mllm.prompts.WORDINGS`; each turn is asked in one of them, drawn from
+            ``(seed, record id, task)`` (``("default",)``: "Where is ...?" / "What is ...?" only).
         image: the image path to write (default: the record's ``image`` as it is).
     """
     report = report if report is not None else ConversionReport()
@@ -384,9 +398,12 @@ def conversations_from_record(
         raise ValueError(f"expression={expression!r}; expected 'random', 'first' or 'all'")
     if max_turns < 0:
         raise ValueError(f"max_turns must be >= 0, got {max_turns}")
+    unknown = [w for w in wordings if w not in WORDINGS]
+    if unknown or not wordings:
+        raise ValueError(f"unknown or no wording(s) {list(wordings)}; choose from {sorted(WORDINGS)}")
     samples = []
     for task in tasks:
-        turns = _turns_for(record, task, codec, expression, seed, report)
+        turns = _turns_for(record, task, codec, expression, wordings, seed, report)
         if max_turns != 1 and len(turns) > 1:
             # Several turns per conversation: ask in a seeded random order, so that a turn's position (the first
             # question is the one evaluation asks) says nothing about which region it is about.
@@ -456,6 +473,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--codec", default=DEFAULT_BOX_CODEC, help="box codec of the model (int999 or float)")
     parser.add_argument("--max-turns", type=int, default=1, help="question/answer pairs per conversation (0: all)")
     parser.add_argument("--expression", choices=("random", "first", "all"), default="random")
+    parser.add_argument(
+        "--wordings",
+        default=DEFAULT_WORDING,
+        help=f"comma-separated question wordings, one drawn per turn: {','.join(WORDINGS)} (default: default)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-paths", choices=("relative", "absolute"), default="relative")
     args = parser.parse_args(argv)
@@ -475,6 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             codec=get_box_codec(args.codec).name,
             max_turns=args.max_turns,
             expression=args.expression,
+            wordings=[w.strip() for w in args.wordings.split(",") if w.strip()],
             seed=args.seed,
         )
     except ValueError as error:
