@@ -1,156 +1,273 @@
-"""The paper's claim in miniature for the MLLM: a CLOC-LLaVA grounds and refers better than a CLIP-LLaVA trained
-the same way.
+"""The paper's claim in miniature for the MLLM, with fair arms (issue 12 §1): does a CLOC tower help a LLaVA-style
+MLLM ground and refer more than a CLIP tower given the same budget and a fair way to read regions?
 
-Two vision towers, the same tiny ViT trained on the synthetic world for the same number of steps: CLOC (the shipped
-recipe, ``train/configs/cloc_tiny.yaml``) and CLIP-only (the region losses off, ``max_regions_per_image=0``; its
-prompter stays at its random initialisation). Each becomes a CLOC-LLaVA with the same tiny Llama, trained with the
-same synthetic-world recipe (``mllm_tiny_stage1.yaml`` then ``mllm_tiny_stage2.yaml``; the tower frozen in both, or
-tuned in both with ``--tune-vision-tower``), then asked the held-out grounding and referring questions of
-``python -m eval regions``.
+Per seed two towers, the same tiny ViT trained on the synthetic world for the same steps: CLOC (the shipped recipe,
+``train/configs/cloc_tiny.yaml``) and CLIP-only (region losses off, ``max_regions_per_image=0``, so its prompter is
+untrained). Three arms (:data:`bench.mllm_arms.ARMS`) become CLOC-LLaVAs with the same tiny Llama, trained with the
+same recipe (``mllm_tiny_stage1.yaml`` then ``mllm_tiny_stage2.yaml`` plus overrides), then asked the held-out
+grounding and referring questions of ``python -m eval regions`` on every test image:
 
-    python bench/mllm_cloc_vs_clip.py                           # ~2 x 12 minutes on 2 CPU cores
-    python bench/mllm_cloc_vs_clip.py --cloc-steps 450 --stage2-steps 800
-    python bench/mllm_cloc_vs_clip.py --quick                   # smoke run
+- ``CLOC``: the CLOC tower's pretrained prompter feeds ``<region>``;
+- ``CLIP + trained prompter``: the CLIP-only tower, its prompter trained from scratch in stages 1 and 2;
+- ``CLIP + RoI features``: the CLIP-only tower, ``<region>`` = RoIAlign of its patch tokens (no prompter).
+
+A seed sets the encoders' ``seed`` (init, data order) and the MLLM's ``init_seed`` and ``seed`` (data order); the
+CLIP-only tower of a seed serves both CLIP arms. Each tower also gets ``python -m eval encoder``'s metrics.
+Writes ``results.json`` and ``results.md`` (mean ± sample standard deviation over seeds, and per-seed rows).
+
+    python -m bench.mllm_cloc_vs_clip                          # 3 seeds x (2 towers + 3 arms)
+    python -m bench.mllm_cloc_vs_clip --seeds 0 --stage2-steps 800 lr=2e-4
+    python -m bench.mllm_cloc_vs_clip --conversation max_turns=1 "wordings=[default]"
+    python -m bench.mllm_cloc_vs_clip --quick                  # smoke run (tiny sizes, one seed)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 
-from cloc_encoder.data.format import read_region_text
+from bench.mllm_arms import (
+    ARMS,
+    TOWERS,
+    Arm,
+    Recipe,
+    Timer,
+    encoder_metrics,
+    format_report,
+    pretrain_tower,
+    prompter_change,
+    summarise,
+    train_arm,
+)
+from cloc_encoder.data.format import RegionTextRecord, read_region_text
 from cloc_encoder.data.synthetic import SyntheticWorldConfig, generate_world
 from eval.mllm_generation import GenerationSettings
 from eval.regions.evaluate import evaluate_regions
-from train.cloc.config import load_config
-from train.cloc.pretrain import train_cloc
 from train.mllm.conversations import conversations_from_records, write_conversations
-from train.mllm.stages import train_stages
 
 REPO = Path(__file__).resolve().parents[1]
-TOWERS = {"CLOC": [], "CLIP-only": ["max_regions_per_image=0"]}
+CONVERSATION_DEFAULTS = {"tasks": ["grounding", "referring"], "max_turns": 0, "expression": "random"}
+"""Conversation options of the recipe (``conversations_from_records``); ``--conversation key=value`` changes them."""
+QUICK = {
+    "cloc_steps": 4,
+    "stage1_steps": 2,
+    "stage2_steps": 3,
+    "train_images": 16,
+    "test_images": 4,
+    "cloc_overrides": ["batch_size=8", "model_overrides.vision_config.num_hidden_layers=1"],
+    "overrides": [
+        "batch_size=4",
+        "model_overrides.text_config.num_hidden_layers=1",
+        "model_overrides.text_config.hidden_size=64",
+        "model_overrides.text_config.intermediate_size=128",
+    ],
+}
+"""``--quick``: the sizes of the smoke run (overrides go before the user's)."""
 
 
-def pretrain_tower(world: Path, out: Path, steps: int, overrides: Sequence[str]) -> Path:
-    """The tiny CLOC recipe for ``steps`` steps (from scratch, replacing an earlier run); the final checkpoint."""
-    shutil.rmtree(out, ignore_errors=True)
-    config = load_config(
-        REPO / "train/configs/cloc_tiny.yaml",
-        [
-            f"train_data={world / 'train.jsonl'}",
-            "val_data=null",
-            f"output_dir={out}",
-            f"max_steps={steps}",
-            f"save_every={steps}",
-            "progress_bar=false",
-            "tensorboard=false",
-            *overrides,
-        ],
-    )
-    return train_cloc(config.validate()).checkpoint
+def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs → dict, values read as YAML (``max_turns=1``, ``tasks=[grounding]``)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --conversation {pair!r}: expected key=value")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+@dataclass
+class Data:
+    """The synthetic world every arm and seed uses: region-text splits and the training conversations."""
+
+    world: Path
+    conversations: Path
+    train: list[RegionTextRecord]
+    test: list[RegionTextRecord]
+
+
+def write_data(args: argparse.Namespace) -> Data:
+    """Generate the world (``train_images`` / ``test_images``) and write its conversations (the recipe's options)."""
     world = args.out / "world"
     generate_world(SyntheticWorldConfig(), world, {"train": args.train_images, "test": args.test_images})
     train_records = read_region_text(world / "train.jsonl")
-    test_records = read_region_text(world / "test.jsonl")
+    options = {**CONVERSATION_DEFAULTS, **parse_options(args.conversation)}
     conversations = world / "train_conv.json"
-    samples = conversations_from_records(
-        train_records, out_dir=world, tasks=["grounding", "referring"], max_turns=0, expression="random"
+    write_conversations(conversations_from_records(train_records, out_dir=world, **options), conversations)
+    return Data(world, conversations, train_records, read_region_text(world / "test.jsonl"))
+
+
+def evaluate_arm(stage2: Any, train: Sequence[RegionTextRecord], test: Sequence[RegionTextRecord], out: Path) -> dict:
+    """Grounding and referring on every test image (``python -m eval regions``): the bench's metrics."""
+    metrics = evaluate_regions(
+        stage2.model.eval(),
+        stage2.processor,
+        test,
+        out,
+        settings=GenerationSettings(max_new_tokens=24, batch_size=32),
+        train_records=train,
+        progress=False,
     )
-    write_conversations(samples, conversations)
-    mllm_overrides = [
-        "progress_bar=false",
-        "tensorboard=false",
-        f"tune_vision_tower={str(args.tune_vision_tower).lower()}",
-        *args.overrides,
-    ]
-    rows = []
-    for name, tower_overrides in TOWERS.items():
-        folder = args.out / name.lower().replace("-", "_")
-        start = time.perf_counter()
-        tower = pretrain_tower(world, folder / "encoder", args.cloc_steps, [*tower_overrides, *args.cloc_overrides])
-        shutil.rmtree(folder / "mllm", ignore_errors=True)
-        _, stage2 = train_stages(
-            conversations,
-            tower,
-            folder / "mllm",
-            overrides=mllm_overrides,
-            stage1_overrides=[f"max_steps={args.stage1_steps}", f"save_every={args.stage1_steps}"],
-            stage2_overrides=[f"max_steps={args.stage2_steps}", f"save_every={args.stage2_steps}"],
-        )
-        metrics = evaluate_regions(
-            stage2.model.eval(),
-            stage2.processor,
-            test_records,
-            folder / "eval",
-            settings=GenerationSettings(max_new_tokens=24, batch_size=32),
-            train_records=train_records,
-            progress=False,
-        )
-        grounding, referring = metrics["grounding"], metrics["referring"]
-        rows.append(
-            {
-                "tower": name,
-                "grounding_acc@0.5": grounding["acc@0.5"],
-                "grounding_miou": grounding["miou"],
-                "constant_box_acc@0.5": max(b["acc@0.5"] for b in grounding["baselines"].values()),
-                "referring_acc": referring["accuracy"],
-                "referring_chance": referring["chance"],
-                "minutes": (time.perf_counter() - start) / 60,
-            }
-        )
+    grounding, referring = metrics["grounding"], metrics["referring"]
+    return {
+        "grounding_acc@0.5": grounding["acc@0.5"],
+        "grounding_miou": grounding["miou"],
+        "constant_box_acc@0.5": max(b["acc@0.5"] for b in grounding["baselines"].values()),
+        "referring_acc": referring["accuracy"],
+        "referring_chance": referring["chance"],
+        "grounding_no_box": grounding["no_box"],
+        "questions": grounding["num_questions"] + referring["num_questions"],
+    }
+
+
+def run_arm(arm: Arm, recipe: Recipe, tower: Path, data: Data, out: Path, seed: int) -> dict[str, Any]:
+    """Train and evaluate one arm on one seed's tower; its row (``minutes``: both stages and the evaluation)."""
+    shutil.rmtree(out, ignore_errors=True)  # a stale eval folder would be resumed
+    timer = Timer()
+    stage1, stage2 = train_arm(arm, recipe, data.conversations, tower, out / "mllm", seed)
+    row = {"arm": arm.name, "seed": seed, "tower": arm.tower}
+    row.update(evaluate_arm(stage2, data.train, data.test, out / "eval"))
+    row["minutes"] = timer.minutes
+    row["trainable_stage1"] = stage1.trainable_parameters
+    row["trainable_stage2"] = stage2.trainable_parameters
+    row["final_loss"] = stage2.metrics.get("loss")
+    if stage1.trainable_parameters["vision"] or stage2.trainable_parameters["vision"]:
+        row["prompter_change"] = prompter_change(tower, stage2)
+    return row
+
+
+def train_towers(args: argparse.Namespace, data: Data, seed: int) -> tuple[dict[str, Path], list[dict[str, Any]]]:
+    """Both towers of ``seed`` (checkpoint folders by name) and their rows: encoder metrics and pretraining minutes."""
+    towers, rows = {}, []
+    for name, overrides in TOWERS.items():
+        timer = Timer()
+        folder = args.out / f"seed{seed}" / "towers" / slug(name)
+        options = [*overrides, *args.cloc_overrides]
+        towers[name] = pretrain_tower(data.world / "train.jsonl", folder / "encoder", args.cloc_steps, seed, options)
+        minutes = timer.minutes
+        rows.append({"tower": name, "seed": seed, **encoder_metrics(towers[name], data.test, folder / "encoder_eval")})
+        rows[-1]["minutes"] = minutes
         print(json.dumps(rows[-1]), flush=True)
-    return rows
+    return towers, rows
 
 
-def format_table(rows: Sequence[dict]) -> str:
-    lines = [
-        "| vision tower | grounding Acc@0.5 (constant box) | grounding mIoU | referring acc (chance) | minutes |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['tower']} | {100 * row['grounding_acc@0.5']:.1f}% ({100 * row['constant_box_acc@0.5']:.1f}%) | "
-            f"{row['grounding_miou']:.3f} | {100 * row['referring_acc']:.1f}% ({100 * row['referring_chance']:.1f}%) | "
-            f"{row['minutes']:.1f} |"
-        )
-    if len(rows) == 2 and rows[1]["grounding_acc@0.5"] > 0:
-        ratio = rows[0]["grounding_acc@0.5"] / rows[1]["grounding_acc@0.5"]
-        lines.append(f"\nCLOC / CLIP-only grounding Acc@0.5: {ratio:.2f}x")
-    return "\n".join(lines)
+def run(args: argparse.Namespace, recipe: Recipe) -> tuple[list[dict], list[dict]]:
+    """Every seed: both towers, then every arm; ``(arm rows, tower rows)``, written to ``--out`` as they come."""
+    data = write_data(args)
+    arm_rows: list[dict] = []
+    tower_rows: list[dict] = []
+    for seed in args.seeds:
+        towers, rows = train_towers(args, data, seed)
+        tower_rows += rows
+        write_results(args, recipe, arm_rows, tower_rows)
+        for arm in ARMS:
+            if args.arms and arm.name not in args.arms:
+                continue
+            out = args.out / f"seed{seed}" / "arms" / slug(arm.name)
+            arm_rows.append(run_arm(arm, recipe, towers[arm.tower], data, out, seed))
+            encoder = next(row for row in rows if row["tower"] == arm.tower)
+            arm_rows[-1]["encoder"] = {k: v for k, v in encoder.items() if k not in ("tower", "seed")}
+            print(json.dumps(arm_rows[-1]), flush=True)
+            write_results(args, recipe, arm_rows, tower_rows)
+    return arm_rows, tower_rows
+
+
+def slug(name: str) -> str:
+    """A folder name: ``"CLIP + RoI features"`` → ``"clip_roi_features"``."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def write_results(args: argparse.Namespace, recipe: Recipe, arm_rows: list[dict], tower_rows: list[dict]) -> None:
+    """``results.json`` (settings, arms, per-seed rows, summaries) and ``results.md`` (the report)."""
+    results = {
+        "settings": {
+            "seeds": args.seeds,
+            "cloc_steps": args.cloc_steps,
+            "cloc_overrides": args.cloc_overrides,
+            "train_images": args.train_images,
+            "test_images": args.test_images,
+            "conversation": {**CONVERSATION_DEFAULTS, **parse_options(args.conversation)},
+            "recipe": {key: str(value) if isinstance(value, Path) else value for key, value in vars(recipe).items()},
+        },
+        "arms": {
+            arm.name: {"tower": arm.tower, "overrides": list(arm.overrides), "about": arm.description} for arm in ARMS
+        },
+        "towers": {name: list(overrides) for name, overrides in TOWERS.items()},
+        "summary": summarise(arm_rows, "arm", _metric_keys(arm_rows, "arm")),
+        "tower_summary": summarise(tower_rows, "tower", _metric_keys(tower_rows, "tower")),
+        "rows": arm_rows,
+        "tower_rows": tower_rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (args.out / "results.md").write_text(format_report(arm_rows, tower_rows) + "\n", encoding="utf-8")
+
+
+def _metric_keys(rows: Sequence[dict], key: str) -> list[tuple[str, str, bool]]:
+    """The numeric fields of ``rows`` (other than ``key`` and ``seed``), as ``summarise`` takes them."""
+    names = dict.fromkeys(
+        name
+        for row in rows
+        for name, value in row.items()
+        if name not in (key, "seed") and isinstance(value, (int, float)) and not isinstance(value, bool)
+    )
+    return [(name, name, False) for name in names]
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Recipe]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "runs/bench_mllm_cloc_vs_clip")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
+    parser.add_argument("--arms", nargs="+", choices=[arm.name for arm in ARMS], help="a subset of the arms")
+    parser.add_argument("--cloc-steps", type=int, default=450, help="encoder pretraining steps (batch 64)")
+    parser.add_argument("--cloc-overrides", nargs="*", default=[], help="encoder train-config key=value")
+    parser.add_argument("--stage1-config", type=Path, default=Recipe.stage1_config)
+    parser.add_argument("--stage2-config", type=Path, default=Recipe.stage2_config)
+    parser.add_argument("--stage1-steps", type=int, default=None, help="default: the stage-1 config's max_steps")
+    parser.add_argument("--stage2-steps", type=int, default=None, help="default: the stage-2 config's max_steps")
+    parser.add_argument("--stage1-overrides", nargs="*", default=[], help="MLLM key=value for stage 1 (all arms)")
+    parser.add_argument("--stage2-overrides", nargs="*", default=[], help="MLLM key=value for stage 2 (all arms)")
+    parser.add_argument("--conversation", nargs="*", default=[], help="conversation option key=value (YAML value)")
+    parser.add_argument("--train-images", type=int, default=2000)
+    parser.add_argument("--test-images", type=int, default=200)
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run")
+    parser.add_argument("overrides", nargs="*", help="MLLM key=value for both stages and every arm")
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key in ("cloc_steps", "stage1_steps", "stage2_steps", "train_images", "test_images"):
+            setattr(args, key, QUICK[key])
+        args.cloc_overrides = [*QUICK["cloc_overrides"], *args.cloc_overrides]
+        args.overrides = [*QUICK["overrides"], *args.overrides]
+    args.seeds = args.seeds if args.seeds is not None else [0] if args.quick else [0, 1, 2]
+    parse_options(args.conversation)  # fail early on a malformed option
+    recipe = Recipe(
+        stage1_config=args.stage1_config,
+        stage2_config=args.stage2_config,
+        stage1_steps=args.stage1_steps,
+        stage2_steps=args.stage2_steps,
+        overrides=list(args.overrides),
+        stage1_overrides=list(args.stage1_overrides),
+        stage2_overrides=list(args.stage2_overrides),
+    )
+    return args, recipe
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO / "runs/bench_mllm_cloc_vs_clip")
-    parser.add_argument("--cloc-steps", type=int, default=450, help="encoder pretraining steps (batch 64)")
-    parser.add_argument("--stage1-steps", type=int, default=100)
-    parser.add_argument("--stage2-steps", type=int, default=400)
-    parser.add_argument("--train-images", type=int, default=2000)
-    parser.add_argument("--test-images", type=int, default=200)
-    parser.add_argument("--tune-vision-tower", action="store_true", help="tune both towers in stage 2")
-    parser.add_argument("--cloc-overrides", nargs="*", default=[], help="encoder train-config key=value")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run")
-    parser.add_argument("overrides", nargs="*", help="MLLM train-config key=value for both stages and towers")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.cloc_steps, args.stage1_steps, args.stage2_steps = 4, 2, 3
-        args.train_images, args.test_images = 16, 4
-        args.cloc_overrides = ["batch_size=8", *args.cloc_overrides]
-        args.overrides = ["batch_size=4", *args.overrides]
+    args, recipe = parse_args(argv)
     torch.manual_seed(0)
-    rows = run(args)
-    print(format_table(rows))
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    arm_rows, tower_rows = run(args, recipe)
+    print(format_report(arm_rows, tower_rows))
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
     return 0
 
 

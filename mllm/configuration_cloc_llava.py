@@ -11,7 +11,7 @@ from cloc_encoder.compat import HAS_SUB_CONFIG_SPECS, build_sub_configs, sub_con
 from mllm.box_codec import BOX_CODECS, DEFAULT_BOX_CODEC
 
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
-REGION_FEATURES = ("pooled", "embedding")
+REGION_FEATURES = ("pooled", "embedding", "roi_align")
 FEATURE_SELECT_STRATEGIES = ("default", "full")
 
 
@@ -24,10 +24,13 @@ class CLOCLlavaConfig(PreTrainedConfig):
         projector_type: image projector, vision width → LLM hidden size: ``"mlp2x_gelu"`` (LLaVA-1.5) or
             ``"linear"`` (LLaVA-1).
         region_projector_type: region projector (prompter output → LLM hidden size), same choices.
-        region_feature: which prompter output feeds the region projector: ``"pooled"`` (the pooled prompter output
-            at ViT width ``W``) or ``"embedding"`` (the region embedding at CLOC's projection size ``D``).
+        region_feature: what feeds the region projector: ``"pooled"`` (the pooled prompter output at ViT width
+            ``W``), ``"embedding"`` (the prompter's region embedding at CLOC's projection size ``D``), or
+            ``"roi_align"`` (no prompter: the patch tokens of ``vision_feature_layer`` RoI-aligned over the box and
+            averaged, width ``W``, as Ferret / GLaMM build region features from a CLIP tower).
         vision_feature_layer: ViT hidden-state index for image features (``-2`` as LLaVA, ``-1`` = last layer;
-            hidden state 0 is the embeddings). The prompter always reads the last layer, as CLOC trained it.
+            hidden state 0 is the embeddings). The prompter always reads the last layer, as CLOC trained it;
+            ``region_feature="roi_align"`` reads this layer.
         vision_feature_select_strategy: ``"default"`` drops the CLS token (patch tokens only), ``"full"`` keeps it.
             Towers without a CLS token (SigLIP) give the same features either way.
         image_token_id, region_token_id: ids of the ``<image>`` and ``<region>`` placeholder tokens.
@@ -48,7 +51,7 @@ class CLOCLlavaConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     projector_type: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
     region_projector_type: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
-    region_feature: Literal["pooled", "embedding"] = "pooled"
+    region_feature: Literal["pooled", "embedding", "roi_align"] = "pooled"
     vision_feature_layer: int = -2
     vision_feature_select_strategy: Literal["default", "full"] = "default"
     image_token_id: int = 32000
@@ -104,10 +107,10 @@ class CLOCLlavaConfig(PreTrainedConfig):
 
     @property
     def region_feature_size(self) -> int:
-        """Width of the prompter output the region projector reads."""
-        if self.region_feature == "pooled":
-            return self.vision_config.vision_width
-        return self.vision_config.projection_dim
+        """Width of the region feature the region projector reads: ``D`` for ``"embedding"``, else ViT width ``W``."""
+        if self.region_feature == "embedding":
+            return self.vision_config.projection_dim
+        return self.vision_config.vision_width
 
 
 __all__ = ["CLOCLlavaConfig"]

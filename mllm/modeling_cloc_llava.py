@@ -5,7 +5,9 @@ One ViT pass per image gives both inputs the language model sees:
 - ``<image>`` tokens: hidden states of ``config.vision_feature_layer`` (patch tokens only by default) → the
   image projector, filled into the ``<image>`` positions with ``masked_scatter`` after a count check;
 - ``<region>`` tokens: the prompter over the last-layer pre-norm patch tokens (as CLOC trained it) for each
-  region box → the region projector; the i-th ``<region>`` of the batch (row-major) gets the i-th box.
+  region box → the region projector; the i-th ``<region>`` of the batch (row-major) gets the i-th box. With
+  ``config.region_feature="roi_align"`` the prompter is not used: the feature-layer patch tokens are RoI-aligned
+  over the box instead (:func:`roi_align_patch_features`, the CLIP baseline of Ferret / GLaMM).
 
 Region boxes are in the **model frame** (``xyxy`` normalised over the preprocessed ``S×S`` input); the processor
 maps them from the original frame with the image's :class:`~cloc_encoder.image_processing.FrameTransform`.
@@ -13,11 +15,13 @@ maps them from the original frame with the image's :class:`~cloc_encoder.image_p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torchvision.ops import roi_align
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -32,6 +36,36 @@ from mllm.vision_tower import CLOCVisionTower
 
 REGION_INPUTS = ("region_boxes", "region_image_index")
 """Model inputs used only in the prefill step of generation (like ``pixel_values``)."""
+ROI_ALIGN_OUTPUT_SIZE = 2
+"""``region_feature="roi_align"``: RoIAlign bins per side (2×2); each bin is sampled bilinearly (torchvision's
+adaptive sampling: about one point per patch of box side) and the bins are averaged to one vector per box."""
+
+
+def roi_align_patch_features(
+    patch_tokens: torch.Tensor,
+    boxes: torch.Tensor,
+    image_index: torch.Tensor,
+    output_size: int = ROI_ALIGN_OUTPUT_SIZE,
+) -> torch.Tensor:
+    """RoIAlign of a square patch grid over model-frame boxes, averaged over the output bins: ``(R, W)`` fp32.
+
+    Args:
+        patch_tokens: ``(B, P, W)`` patch tokens in row-major grid order (no CLS), ``P = side²``; any dtype.
+        boxes: ``(R, 4)`` model-frame ``xyxy`` normalised to ``[0, 1]``; scaled to grid units in fp32.
+        image_index: ``(R,)`` image of each box.
+        output_size: bins per side.
+
+    The geometry and the interpolation run in fp32 whatever the tokens' dtype; ``aligned=True`` puts patch ``(r, c)``
+    at ``[c, c + 1) × [r, r + 1)`` in grid units, so a box covering one patch is sampled around that patch's centre.
+    """
+    batch, count, width = patch_tokens.shape
+    side = math.isqrt(count)
+    if side * side != count:
+        raise ValueError(f"roi_align needs a square patch grid, got {count} patch tokens")
+    grid = patch_tokens.float().transpose(1, 2).reshape(batch, width, side, side)
+    rois = torch.cat([image_index.to(torch.float32).unsqueeze(1), boxes.to(torch.float32) * side], dim=1)
+    pooled = roi_align(grid, rois, output_size=output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    return pooled.mean(dim=(2, 3))
 
 
 @dataclass
@@ -102,10 +136,18 @@ class CLOCLlavaVisualFeatures:
         """One ViT pass: ``(B, 3, S, S)`` → projected image features ``(B, N, H)`` and the state the prompter
         reads (for :meth:`get_region_features`)."""
         state = self.vision_tower.encode_images(pixel_values.to(self.vision_tower.dtype))
+        keep_cls = self.config.vision_feature_select_strategy == "full"
+        return self.multi_modal_projector(self.feature_layer_tokens(state, keep_cls)), state
+
+    def feature_layer_tokens(self, state: CLOCImageState, keep_cls: bool = False) -> torch.Tensor:
+        """Hidden state ``config.vision_feature_layer`` of the ViT pass: ``(B, P, W)`` patch tokens, ``(B, 1 + P, W)``
+        with ``keep_cls`` on a tower that has a CLS token."""
+        if state.hidden_states is None:
+            raise ValueError("the image state has no hidden states: encode the images with the vision tower")
         selected = state.hidden_states[self.config.vision_feature_layer]
-        if self.config.vision_config.has_cls_token and self.config.vision_feature_select_strategy == "default":
+        if self.config.vision_config.has_cls_token and not keep_cls:
             selected = selected[:, 1:]
-        return self.multi_modal_projector(selected), state
+        return selected
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected image features ``(B, N, H)``, ``N = config.image_seq_length``."""
@@ -114,10 +156,16 @@ class CLOCLlavaVisualFeatures:
     def get_region_features(
         self, state: CLOCImageState, boxes: torch.Tensor, image_index: torch.Tensor
     ) -> torch.Tensor:
-        """Projected prompter outputs ``(R, H)`` for model-frame ``(R, 4)`` boxes on images ``image_index``."""
+        """Projected region features ``(R, H)`` for model-frame ``(R, 4)`` boxes (fp32) on images ``image_index``:
+        the prompter's (``"pooled"`` / ``"embedding"``) or the feature layer's RoIAlign (``"roi_align"``)."""
         device = state.patch_tokens.device  # the tower's device (it may differ from the LM's under a device map)
-        pooled, embeddings = self.vision_tower.region_features(state, boxes.to(device), image_index.to(device))
-        features = pooled if self.config.region_feature == "pooled" else embeddings
+        boxes, image_index = boxes.to(device), image_index.to(device)
+        if self.config.region_feature == "roi_align":
+            tokens = self.feature_layer_tokens(state)
+            features = roi_align_patch_features(tokens, boxes, image_index).to(tokens.dtype)
+        else:
+            pooled, embeddings = self.vision_tower.region_features(state, boxes, image_index)
+            features = pooled if self.config.region_feature == "pooled" else embeddings
         return self.region_projector(features)
 
 
@@ -377,6 +425,7 @@ class CLOCLlavaForConditionalGeneration(CLOCLlavaPreTrainedModel, GenerationMixi
 
 
 __all__ = [
+    "ROI_ALIGN_OUTPUT_SIZE",
     "CLOCLlavaCausalLMOutputWithPast",
     "CLOCLlavaForConditionalGeneration",
     "CLOCLlavaModel",
@@ -384,4 +433,5 @@ __all__ = [
     "CLOCLlavaPreTrainedModel",
     "CLOCLlavaProjector",
     "CLOCLlavaVisualFeatures",
+    "roi_align_patch_features",
 ]

@@ -53,11 +53,20 @@ def test_train_step_bench_smoke():
 
 
 def test_mllm_cloc_vs_clip_bench_smoke(tmp_path, capsys):
-    """The CLOC-vs-CLIP MLLM bench runs end to end on a tiny budget and prints its table."""
+    """The fair-arms MLLM bench runs end to end on a tiny budget (one seed): two towers with encoder metrics, three
+    arms (only the trained-prompter arm trains the tower, in both stages), results.json / results.md, the table."""
     from bench.mllm_cloc_vs_clip import main as mllm_bench
 
     assert mllm_bench(["--quick", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "results.json").read_text())
-    assert [row["tower"] for row in rows] == ["CLOC", "CLIP-only"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = results["rows"]
+    assert [row["arm"] for row in rows] == ["CLOC", "CLIP + trained prompter", "CLIP + RoI features"]
+    assert [row["tower"] for row in rows] == ["CLOC", "CLIP-only", "CLIP-only"]
     assert all(0.0 <= row["grounding_acc@0.5"] <= 1.0 and row["referring_chance"] > 0 for row in rows)
-    assert "| vision tower | grounding Acc@0.5" in capsys.readouterr().out
+    tuned = [row["arm"] for row in rows if row["trainable_stage1"]["vision"] and row["trainable_stage2"]["vision"]]
+    assert tuned == ["CLIP + trained prompter"] and rows[1]["prompter_change"] > 0
+    assert [row["tower"] for row in results["tower_rows"]] == ["CLOC", "CLIP-only"]
+    assert all(0.0 <= row["region_cls_acc"] <= 1.0 for row in results["tower_rows"])
+    assert results["summary"]["CLOC"]["grounding_acc@0.5"]["n"] == 1
+    assert "| arm | seeds | grounding Acc@0.5" in (tmp_path / "results.md").read_text()
+    assert "| CLIP + RoI features | 1 |" in capsys.readouterr().out
