@@ -11,9 +11,8 @@ from:
 - ``CLIP + RoI features``: the CLIP-only tower; ``<region>`` gets the feature layer's patch tokens RoI-aligned over
   the box (``region_feature=roi_align``, Ferret / GLaMM's region features); the prompter is unused.
 
-Stage 2 rebuilds its frozen base from the tower folder and loads only stage 1's projector file, so a tower part
-that stage 1 trained (the prompter here, or the ViT with ``tune_vision_tower``) is carried over by writing the
-tower as stage 1 left it (:func:`save_stage1_tower`) and starting stage 2 from that folder.
+A tower part that stage 1 trained (the prompter here, or the ViT with ``tune_vision_tower``) reaches stage 2 through
+the pipeline: it travels in stage 1's ``mm_projector.safetensors``, which stage 2 loads on top of the tower folder.
 """
 
 from __future__ import annotations
@@ -150,15 +149,6 @@ def encoder_metrics(checkpoint: Path, records: Sequence[RegionTextRecord], out: 
     }
 
 
-def save_stage1_tower(stage1: MLLMTrainResult, source: Path, out: Path) -> Path:
-    """Write the vision tower as stage 1 left it (ViT + prompter, with ``source``'s image processor) to ``out``, a
-    CLOC tower folder stage 2 can start from."""
-    shutil.rmtree(out, ignore_errors=True)
-    unwrap(stage1.model).model.vision_tower.save_pretrained(out)
-    shutil.copyfile(Path(source) / "preprocessor_config.json", out / "preprocessor_config.json")
-    return out
-
-
 def prompter_change(tower: Path, stage2: MLLMTrainResult) -> float:
     """Relative L2 change of the prompter's weights from ``tower`` to the end of stage 2 (0: untouched)."""
     before = CLOCVisionTower.from_cloc(tower).prompter.state_dict()
@@ -172,16 +162,14 @@ def train_arm(
     arm: Arm, recipe: Recipe, conversations: Path, tower: Path, out: Path, seed: int
 ) -> tuple[MLLMTrainResult, MLLMTrainResult]:
     """Both MLLM stages of ``arm`` on ``tower`` into ``out/stage1`` and ``out/stage2`` (as
-    :func:`train.mllm.stages.train_stages`, plus carrying a tower part stage 1 trained into stage 2)."""
+    :func:`train.mllm.stages.train_stages`; stage 1's projector file carries any tower part it trained)."""
     data = f"train_data={conversations}"
-    paths1 = [data, f"vision_tower={tower}", f"output_dir={out / 'stage1'}"]
+    tower_path = f"vision_tower={tower}"
+    paths1 = [data, tower_path, f"output_dir={out / 'stage1'}"]
     stage1 = train_mllm(load_mllm_config(recipe.stage1_config, recipe.stage(1, seed, arm, paths1)).validate())
-    stage2_tower = tower
-    if stage1.trainable_parameters["vision"]:
-        stage2_tower = save_stage1_tower(stage1, tower, out / "stage1_tower")
     paths2 = [
         data,
-        f"vision_tower={stage2_tower}",
+        tower_path,
         f"pretrain_mm_projector={stage1.mm_projector}",
         f"output_dir={out / 'stage2'}",
     ]
@@ -287,7 +275,6 @@ __all__ = [
     "mean_std",
     "pretrain_tower",
     "prompter_change",
-    "save_stage1_tower",
     "summarise",
     "train_arm",
 ]

@@ -31,9 +31,8 @@ def caption_tokenizer():
     return train_caption_tokenizer(CAPTIONS, vocab_size=128, model_max_length=16)
 
 
-@pytest.fixture()
-def tiny_cloc(caption_tokenizer):
-    """A 1-layer CLOC encoder on 32-px images (fast)."""
+def build_tiny_cloc(caption_tokenizer):
+    """A 1-layer CLOC encoder on 32-px images (fast), seeded."""
     import torch
 
     from cloc_encoder.factory import build_cloc_model
@@ -51,6 +50,12 @@ def tiny_cloc(caption_tokenizer):
         },
         projection_dim=32,
     ).eval()
+
+
+@pytest.fixture()
+def tiny_cloc(caption_tokenizer):
+    """A 1-layer CLOC encoder on 32-px images (fast)."""
+    return build_tiny_cloc(caption_tokenizer)
 
 
 @pytest.fixture(scope="session")

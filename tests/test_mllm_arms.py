@@ -1,6 +1,6 @@
 """The arms of ``bench/mllm_cloc_vs_clip.py`` (issue 12 §1): the prompter trains in stage 1 (own parameter group,
-gradients) and stage 2 starts from it; ``region_feature=roi_align`` goes through both stages from the recipe's
-YAMLs; the mean ± standard deviation report."""
+gradients) and stage 2 starts from it (carried in stage 1's projector file); ``region_feature=roi_align`` goes
+through both stages from the recipe's YAMLs; the mean ± standard deviation report."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load_file
 
 from bench.mllm_arms import ARMS, Recipe, format_report, mean_std, train_arm
 from cloc_encoder.data.format import read_region_text
@@ -32,6 +33,7 @@ TINY_RECIPE = [
     "model_overrides.text_config.intermediate_size=128",
 ]
 ARM = {arm.name: arm for arm in ARMS}
+PROMPTER = "model.vision_tower.prompter."
 
 
 @pytest.fixture(scope="module")
@@ -90,27 +92,27 @@ def _recipe() -> Recipe:
 
 
 def test_trained_prompter_arm_carries_the_stage1_prompter_into_stage2(conversations, tower, tmp_path, caplog):
-    """Stage 2 starts from the tower as stage 1 left it (its folder differs from stage 1's, which the projector
-    loader notes in a warning) and trains the prompter further."""
-    caplog.set_level(logging.WARNING, logger="train.mllm.projector")
+    """Stage 2 starts from the prompter as stage 1 left it, through the pipeline: the same tower folder (no warning
+    about another base) plus the prompter stage 1's projector file carries; it trains the prompter further."""
+    caplog.set_level(logging.INFO, logger="train.mllm.projector")
     stage1, stage2 = train_arm(ARM["CLIP + trained prompter"], _recipe(), conversations, tower, tmp_path / "arm", 0)
     assert stage1.trainable_parameters["vision"] > 0 and stage2.trainable_parameters["vision"] > 0
-    carried = tmp_path / "arm" / "stage1_tower"
     start = _prompter(CLOCVisionTower.from_cloc(tower))
     after1 = _prompter(unwrap(stage1.model).model.vision_tower)
-    saved = _prompter(CLOCVisionTower.from_cloc(carried))
-    assert all(torch.equal(saved[k], after1[k]) for k in saved)
+    carried = {k[len(PROMPTER) :]: v for k, v in load_file(str(stage1.mm_projector)).items() if k.startswith(PROMPTER)}
+    assert "corner_embeddings" in carried and all(torch.equal(v, after1[k]) for k, v in carried.items())
     assert not torch.equal(after1["corner_embeddings"], start["corner_embeddings"])
     settings = yaml.safe_load((stage2.checkpoint / "train_config.yaml").read_text())
-    assert settings["vision_tower"] == str(carried) and settings["tune_prompter"] is True
-    assert [r for r in caplog.records if "another base" in r.message]
+    assert settings["vision_tower"] == str(tower) and settings["tune_prompter"] is True
+    assert not [r for r in caplog.records if "another base" in r.message]
+    assert [r for r in caplog.records if "vision-tower tensors (parts: prompter)" in r.message]
     after2 = _prompter(unwrap(stage2.model).model.vision_tower)
     assert not torch.equal(after2["corner_embeddings"], after1["corner_embeddings"])
 
 
 def test_roi_align_arm_through_both_stages(conversations, tower, tmp_path, caplog):
     """``model_overrides.region_feature=roi_align`` reaches the model in both stages (the recipe's text_config kept);
-    stage 2 loads the stage-1 projector (same width, same base: no warning); the tower is not carried."""
+    stage 2 loads the stage-1 projector (same width, same base: no warning); no tower part is carried."""
     caplog.set_level(logging.WARNING, logger="train.mllm.projector")
     stage1, stage2 = train_arm(ARM["CLIP + RoI features"], _recipe(), conversations, tower, tmp_path / "arm", 0)
     for result in (stage1, stage2):
@@ -118,7 +120,7 @@ def test_roi_align_arm_through_both_stages(conversations, tower, tmp_path, caplo
         assert config.region_feature == "roi_align" and config.text_config.num_hidden_layers == 1
         assert unwrap(result.model).model.region_projector.linear_1.in_features == config.vision_config.vision_width
         assert result.trainable_parameters["vision"] == 0
-    assert not (tmp_path / "arm" / "stage1_tower").exists()
+    assert not any(k.startswith(PROMPTER) for k in load_file(str(stage1.mm_projector)))
     assert not [r for r in caplog.records if "another base" in r.message or "starts fresh" in r.message]
 
 

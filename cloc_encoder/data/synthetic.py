@@ -11,7 +11,8 @@ height. Pixel ``(col, row)`` covers ``[col, col + 1) × [row, row + 1)``, so a b
 Each image's random stream derives from ``(config.seed, split, index)`` only, so splits are disjoint streams and
 regeneration is byte-identical. Command line::
 
-    python -m cloc_encoder.data.synthetic --out DIR --train 2000 --val 200 --test 200 [--clutter]
+    python -m cloc_encoder.data.synthetic --out DIR --train 2000 --val 200 --test 200 [--clutter] \
+        [--min-objects 2 --max-objects 3] [--seed 0]
 """
 
 from __future__ import annotations
@@ -412,17 +413,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     for split, default in DEFAULT_SPLIT_SIZES.items():
         parser.add_argument(f"--{split}", type=int, default=default, help=f"{split} images (default {default})")
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--min-objects", type=int, default=SyntheticWorldConfig.min_objects, help="objects per image")
+    parser.add_argument("--max-objects", type=int, default=SyntheticWorldConfig.max_objects)
     parser.add_argument("--clutter", action="store_true", help="cluttered backgrounds")
     parser.add_argument("--duplicate-probability", type=float, default=SyntheticWorldConfig.duplicate_probability)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="regenerate even if the world is up to date")
     args = parser.parse_args(argv)
-    config = SyntheticWorldConfig(
-        image_size=args.image_size,
-        clutter=args.clutter,
-        duplicate_probability=args.duplicate_probability,
-        seed=args.seed,
-    )
+    try:
+        config = SyntheticWorldConfig(
+            image_size=args.image_size,
+            clutter=args.clutter,
+            duplicate_probability=args.duplicate_probability,
+            min_objects=args.min_objects,
+            max_objects=args.max_objects,
+            seed=args.seed,
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     sizes = {split: getattr(args, split) for split in DEFAULT_SPLIT_SIZES}
     start = time.perf_counter()
     current = not args.force and world_is_current(config, args.out, sizes)

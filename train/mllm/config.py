@@ -31,7 +31,8 @@ LORA_DEFAULT_PROJECTOR_LR = 2e-5
 class MLLMTrainConfig:
     """Everything an MLLM training run needs. ``batch_size`` is per process and per micro-batch.
 
-    Stage 1 trains the image and region projectors only. Stage 2 trains the language model (full, LoRA, or QLoRA
+    Stage 1 trains the image and region projectors (plus the prompter / ViT when ``tune_*`` asks; they travel to
+    stage 2 in ``mm_projector.safetensors``). Stage 2 trains the language model (full, LoRA, or QLoRA
     with ``bits``) and the projectors, plus the prompter (``tune_prompter``) and the ViT (``tune_vision_tower``)
     when asked. The model comes from ``model_path`` (a CLOC-LLaVA folder), or is assembled from ``vision_tower``
     (a CLOC encoder folder) and ``language_model`` (a causal-LM folder); a part that is not given is the tiny one
@@ -80,7 +81,8 @@ class MLLMTrainConfig:
     init_seed: int = 0
     """Seed of every newly initialised weight (projectors, tiny towers), so stage 2 rebuilds stage 1's base."""
     pretrain_mm_projector: str | None = None
-    """Stage 1's ``mm_projector.safetensors`` (or a folder holding it) to start from."""
+    """Stage 1's ``mm_projector.safetensors`` (or a folder holding it) to start from: LLaVA's
+    ``pretrain_mm_mlp_adapter``, plus the vision-tower parts stage 1 tuned (loaded on top of ``vision_tower``)."""
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
 

@@ -3,7 +3,8 @@
 A checkpoint ``step-NNNNNN/`` holds what a user needs from that point of the run, plus what resuming needs:
 
 =====================================  ==============================================================================
-``mm_projector.safetensors``           both projectors (always; what stage 2's ``pretrain_mm_projector`` reads)
+``mm_projector.safetensors``           both projectors (always; what stage 2's ``pretrain_mm_projector`` reads),
+                                       plus the vision-tower parameters the run trains (prompter, ViT when tuned)
 ``model.safetensors``, ``config.json`` stage 2 full fine-tuning: the whole model (``save_pretrained``; loadable alone)
 ``adapter_model.safetensors`` + cfg    stage 2 LoRA: the PEFT adapter, plus ``non_lora_trainables.safetensors``
                                        (projectors, prompter, ViT when tuned) and ``lora_info.json`` (the base folder)
@@ -16,8 +17,9 @@ tokenizer files, processor files       the tokenizer (with the chat template) an
 =====================================  ==============================================================================
 
 Frozen weights are never stored in a step checkpoint: the trainer rebuilds them deterministically from the config
-(``model_path`` / ``vision_tower`` / ``language_model`` / ``init_seed``). Every rank calls :func:`save_mllm_checkpoint`
-and :func:`load_mllm_checkpoint` at the same step (barriers, DeepSpeed's collective save/load, ZeRO-3 gathers).
+(``model_path`` / ``vision_tower`` / ``language_model`` / ``init_seed``, plus the tower parts ``pretrain_mm_projector``
+carries). Every rank calls :func:`save_mllm_checkpoint` and :func:`load_mllm_checkpoint` at the same step (barriers,
+DeepSpeed's collective save/load, ZeRO-3 gathers).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from torch import nn
 from cloc_encoder.distributed import DistributedContext
 from train.checkpoint import TRAINER_STATE, read_json, write_json
 from train.mllm.data import INVALID_EXAMPLES
-from train.mllm.projector import MM_PROJECTOR_FILE, PROJECTOR_PREFIXES, save_projector
+from train.mllm.projector import FILE_PREFIXES, MM_PROJECTOR_FILE, save_projector
 from train.mllm.trainable import unwrap
 from train.trainer_state import Run, TrainerState, load_run_checkpoint, save_run_checkpoint
 
@@ -132,15 +134,17 @@ def _unwrapped_name(name: str) -> str:
     return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
 
 
+def _mm_projector_state(trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What ``mm_projector.safetensors`` holds, from the gathered trainable tensors: both projectors and the
+    vision-tower parameters that trained, under their names in the full model."""
+    plain = {_unwrapped_name(name): tensor for name, tensor in trainable.items()}
+    return {name: tensor for name, tensor in plain.items() if name.startswith(FILE_PREFIXES)}
+
+
 def _write_outputs(run: MLLMRun, folder: Path, trainable: dict[str, torch.Tensor], full: dict | None) -> None:
     """Rank 0: the user-facing files of a checkpoint (see the module docstring)."""
     inner = unwrap(run.model)
-    projector = {}
-    for name, tensor in trainable.items():
-        plain = _unwrapped_name(name)
-        if plain.startswith(PROJECTOR_PREFIXES):
-            projector[plain] = tensor
-    save_projector(projector, folder / MM_PROJECTOR_FILE, run.source)
+    save_projector(_mm_projector_state(trainable), folder / MM_PROJECTOR_FILE, run.source)
     if run.full_model:
         inner.save_pretrained(folder, state_dict=full)
     else:

@@ -1,4 +1,5 @@
-"""Both MLLM stages in one call, from Python: stage 1 (projectors), then stage 2 from its projector.
+"""Both MLLM stages in one call, from Python: stage 1 (projectors), then stage 2 from its projector file (which
+carries any vision-tower parts stage 1 tuned).
 
     from train.mllm.stages import train_stages
     stage1, stage2 = train_stages("runs/world/train_conv.json", "runs/cloc_tiny", "runs/mllm_tiny")
@@ -33,7 +34,8 @@ def train_stages(
     stage1_overrides: Sequence[str] = (),
     stage2_overrides: Sequence[str] = (),
 ) -> tuple[MLLMTrainResult, MLLMTrainResult]:
-    """Train stage 1 into ``output_dir/stage1`` and stage 2 (from stage 1's projector) into ``output_dir/stage2``.
+    """Train stage 1 into ``output_dir/stage1`` and stage 2 (from stage 1's ``mm_projector.safetensors``: its
+    projectors and tuned tower parts) into ``output_dir/stage2``.
 
     ``vision_tower``: a CLOC checkpoint or run folder (``None``: the tiny tower of :mod:`mllm.tiny`). ``overrides``
     apply to both stages, then ``stage1_overrides`` / ``stage2_overrides`` to one.

@@ -2,9 +2,11 @@
 [key=value ...]``.
 
 Stage 1 (``stage=1``) trains the image and region projectors on a frozen vision tower and LLM (LLaVA's alignment
-stage: lr 1e-3, one epoch) and writes ``mm_projector.safetensors``. Stage 2 (``stage=2``) starts from that
-projector (``pretrain_mm_projector=...``) and trains the LLM — fully, with LoRA (``lora=true``), or QLoRA
-(``lora=true bits=4``) — with the projectors, optionally the prompter and the ViT (lr 2e-5). From Python:
+stage: lr 1e-3, one epoch) and writes ``mm_projector.safetensors`` (LLaVA's ``pretrain_mm_mlp_adapter``); tower
+parts it also trains (``tune_prompter``, ``tune_vision_tower``) travel in that file. Stage 2 (``stage=2``) starts
+from it (``pretrain_mm_projector=...``: the projectors and any tuned tower parts) and trains the LLM — fully, with
+LoRA (``lora=true``), or QLoRA (``lora=true bits=4``) — with the projectors, optionally the prompter and the ViT
+(lr 2e-5). From Python:
 ``train_mllm(load_mllm_config(path, overrides))`` returns an :class:`MLLMTrainResult`. Runs on one process, under
 ``torchrun`` (DDP) or the ``deepspeed`` launcher (ZeRO-2/3, ``train/deepspeed/*.json``); see
 ``docs/training_mllm.md``.
@@ -64,7 +66,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class MLLMTrainResult:
     """What a run ended with. ``checkpoint`` is the final ``step-NNNNNN`` folder; ``mm_projector`` the projector file
-    at the top of ``output_dir`` (a copy of the final checkpoint's)."""
+    at the top of ``output_dir`` (a copy of the final checkpoint's; with the tower parts the run tuned)."""
 
     stage: int
     step: int
