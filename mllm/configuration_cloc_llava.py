@@ -27,10 +27,11 @@ class CLOCLlavaConfig(PreTrainedConfig):
         region_feature: what feeds the region projector: ``"pooled"`` (the pooled prompter output at ViT width
             ``W``), ``"embedding"`` (the prompter's region embedding at CLOC's projection size ``D``), or
             ``"roi_align"`` (no prompter: the patch tokens of ``vision_feature_layer`` RoI-aligned over the box and
-            averaged, width ``W``, as Ferret / GLaMM build region features from a CLIP tower).
+            averaged, the image features' width, as Ferret / GLaMM build region features from a CLIP tower).
         vision_feature_layer: ViT hidden-state index for image features (``-2`` as LLaVA, ``-1`` = last layer;
-            hidden state 0 is the embeddings). The prompter always reads the last layer, as CLOC trained it;
-            ``region_feature="roi_align"`` reads this layer.
+            hidden state 0 is the embeddings), or a list of indices whose hidden states are concatenated along the
+            channels (transformers' LLaVA convention; the image projector then reads ``len(list) · W``). The
+            prompter always reads the last layer, as CLOC trained it; ``region_feature="roi_align"`` reads these.
         vision_feature_select_strategy: ``"default"`` drops the CLS token (patch tokens only), ``"full"`` keeps it.
             Towers without a CLS token (SigLIP) give the same features either way.
         image_token_id, region_token_id: ids of the ``<image>`` and ``<region>`` placeholder tokens.
@@ -52,7 +53,7 @@ class CLOCLlavaConfig(PreTrainedConfig):
     projector_type: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
     region_projector_type: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
     region_feature: Literal["pooled", "embedding", "roi_align"] = "pooled"
-    vision_feature_layer: int = -2
+    vision_feature_layer: int | list[int] = -2
     vision_feature_select_strategy: Literal["default", "full"] = "default"
     image_token_id: int = 32000
     region_token_id: int = 32001
@@ -74,14 +75,17 @@ class CLOCLlavaConfig(PreTrainedConfig):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"CLOCLlavaConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
         num_layers = self.vision_config.vision_config.num_hidden_layers
-        if (
-            not isinstance(self.vision_feature_layer, int)
-            or not -(num_layers + 1) <= self.vision_feature_layer <= num_layers
+        layers = self.feature_layers if isinstance(self.vision_feature_layer, (int, list, tuple)) else [None]
+        if not layers or not all(
+            isinstance(layer, int) and not isinstance(layer, bool) and -(num_layers + 1) <= layer <= num_layers
+            for layer in layers
         ):
             raise ValueError(
                 f"CLOCLlavaConfig.vision_feature_layer={self.vision_feature_layer!r} is not a hidden-state index of a "
-                f"{num_layers}-layer ViT; expected an int in [{-(num_layers + 1)}, {num_layers}]"
+                f"{num_layers}-layer ViT; expected an int in [{-(num_layers + 1)}, {num_layers}] or a list of them"
             )
+        if isinstance(self.vision_feature_layer, tuple):
+            self.vision_feature_layer = list(self.vision_feature_layer)
         if self.image_token_id == self.region_token_id:
             raise ValueError(
                 f"CLOCLlavaConfig.region_token_id={self.region_token_id} equals image_token_id; they must differ"
@@ -106,10 +110,24 @@ class CLOCLlavaConfig(PreTrainedConfig):
         return self.vision_config.num_patches + int(keeps_cls)
 
     @property
+    def feature_layers(self) -> list[int]:
+        """The hidden-state indices of the image features (``vision_feature_layer`` as a list)."""
+        layer = self.vision_feature_layer
+        return [layer] if isinstance(layer, int) else list(layer)
+
+    @property
+    def image_feature_size(self) -> int:
+        """Width of the image features the image projector reads: ViT width ``W`` per feature layer."""
+        return self.vision_config.vision_width * len(self.feature_layers)
+
+    @property
     def region_feature_size(self) -> int:
-        """Width of the region feature the region projector reads: ``D`` for ``"embedding"``, else ViT width ``W``."""
+        """Width of the region feature the region projector reads: ``D`` for ``"embedding"``, the image features'
+        width for ``"roi_align"``, else ViT width ``W``."""
         if self.region_feature == "embedding":
             return self.vision_config.projection_dim
+        if self.region_feature == "roi_align":
+            return self.image_feature_size
         return self.vision_config.vision_width
 
 

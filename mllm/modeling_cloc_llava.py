@@ -140,11 +140,17 @@ class CLOCLlavaVisualFeatures:
         return self.multi_modal_projector(self.feature_layer_tokens(state, keep_cls)), state
 
     def feature_layer_tokens(self, state: CLOCImageState, keep_cls: bool = False) -> torch.Tensor:
-        """Hidden state ``config.vision_feature_layer`` of the ViT pass: ``(B, P, W)`` patch tokens, ``(B, 1 + P, W)``
-        with ``keep_cls`` on a tower that has a CLS token."""
+        """Hidden state(s) ``config.vision_feature_layer`` of the ViT pass: ``(B, P, C)`` patch tokens,
+        ``(B, 1 + P, C)`` with ``keep_cls`` on a tower that has a CLS token; ``C = W`` per feature layer (several
+        layers are concatenated along the channels)."""
         if state.hidden_states is None:
             raise ValueError("the image state has no hidden states: encode the images with the vision tower")
-        selected = state.hidden_states[self.config.vision_feature_layer]
+        layers = self.config.feature_layers
+        selected = (
+            torch.cat([state.hidden_states[layer] for layer in layers], dim=-1)
+            if len(layers) > 1
+            else (state.hidden_states[layers[0]])
+        )
         if self.config.vision_config.has_cls_token and not keep_cls:
             selected = selected[:, 1:]
         return selected
@@ -177,9 +183,7 @@ class CLOCLlavaModel(CLOCLlavaVisualFeatures, CLOCLlavaPreTrainedModel):
         hidden = config.text_config.hidden_size
         bias = config.multimodal_projector_bias
         self.vision_tower = CLOCVisionTower._from_config(config.vision_config)
-        self.multi_modal_projector = CLOCLlavaProjector(
-            config.vision_config.vision_width, hidden, config.projector_type, bias
-        )
+        self.multi_modal_projector = CLOCLlavaProjector(config.image_feature_size, hidden, config.projector_type, bias)
         self.region_projector = CLOCLlavaProjector(
             config.region_feature_size, hidden, config.region_projector_type, bias
         )

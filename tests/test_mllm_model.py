@@ -349,6 +349,7 @@ def test_beam_search_expands_regions(model_and_processor):
     [
         ({"vision_feature_layer": -1, "vision_feature_select_strategy": "full"}, 17),
         ({"projector_type": "linear", "region_projector_type": "linear", "region_feature": "embedding"}, 16),
+        ({"vision_feature_layer": [0, -2]}, 16),  # several layers, concatenated along the channels
     ],
 )
 def test_feature_options(chat_tokenizer, overrides, sequence_length):
@@ -363,7 +364,8 @@ def test_feature_options(chat_tokenizer, overrides, sequence_length):
     with torch.no_grad():
         output = model(**inputs)
         state = model.model.vision_tower.encode_images(inputs["pixel_values"])
-        layer = state.hidden_states[config.vision_feature_layer]
+        layer = torch.cat([state.hidden_states[i] for i in config.feature_layers], dim=-1)
+        assert layer.shape[-1] == config.image_feature_size == 64 * len(config.feature_layers)
         selected = layer if config.vision_feature_select_strategy == "full" else layer[:, 1:]
         torch.testing.assert_close(output.image_features, model.model.multi_modal_projector(selected))
     assert output.region_features.shape == (1, 64)
@@ -379,6 +381,8 @@ def test_feature_options(chat_tokenizer, overrides, sequence_length):
         ({"region_feature": "roi"}, "CLOCLlavaConfig.region_feature='roi'"),
         ({"box_codec": "ints"}, "CLOCLlavaConfig.box_codec='ints'"),
         ({"vision_feature_layer": 3}, r"CLOCLlavaConfig.vision_feature_layer=3 .* 2-layer ViT"),
+        ({"vision_feature_layer": [0, 3]}, r"CLOCLlavaConfig.vision_feature_layer=\[0, 3\] .* 2-layer ViT"),
+        ({"vision_feature_layer": []}, r"CLOCLlavaConfig.vision_feature_layer=\[\]"),
         ({"image_seq_length": 576}, "CLOCLlavaConfig.image_seq_length=576 but the vision tower gives 16"),
         ({"region_token_id": 4}, "CLOCLlavaConfig.region_token_id=4 equals image_token_id"),
     ],

@@ -215,7 +215,7 @@ def _new_projectors(
     hidden, bias = config.text_config.hidden_size, config.multimodal_projector_bias
     torch.manual_seed(seed)
     with zero_init(ds_config):
-        image = CLOCLlavaProjector(config.vision_config.vision_width, hidden, config.projector_type, bias)
+        image = CLOCLlavaProjector(config.image_feature_size, hidden, config.projector_type, bias)
         region = CLOCLlavaProjector(config.region_feature_size, hidden, config.region_projector_type, bias)
     if not is_zero3(ds_config):
         image, region = image.to(dtype), region.to(dtype)
