@@ -29,6 +29,9 @@ def test_export_round_trips_through_the_parquet_reader(world, tmp_path):
 
 def test_export_command_line(world, tmp_path, capsys):
     out = tmp_path / "val-00000.parquet"
-    assert main(["--data", str(world / "val.jsonl"), "--out", str(out), "--limit", "3"]) == 0
+    tasks = tmp_path / "tasks"
+    assert main(["--data", str(world / "val.jsonl"), "--out", str(out), "--limit", "3", "--task-dir", str(tasks)]) == 0
     assert out.is_file() and "rows to" in capsys.readouterr().out
+    task = (tasks / "refcoco_bbox_rec_local.yaml").read_text()
+    assert "test_split: val" in task and str(out.resolve()) in task  # the split comes from the file's name
     assert main(["--data", str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2

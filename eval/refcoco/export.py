@@ -7,7 +7,11 @@ One row per region with at least one expression: ``question_id`` (``<record id>-
 expressions), ``segmentation`` (the box as a polygon), ``bbox`` (``[x, y, w, h]`` in pixels of the original image,
 as COCO writes it), ``iscrowd`` (0) and ``file_name``. :func:`eval.refcoco.data.read_parquet` reads it back.
 
-    python -m eval.refcoco.export --data runs/world/test.jsonl --out runs/world/lmms/val-00000.parquet [--limit N]
+    python -m eval.refcoco.export --data runs/world/test.jsonl --out runs/world/lmms/val-00000.parquet \
+        [--limit N] [--task-dir runs/world/lmms/tasks]      # --task-dir: also lmms-eval's task YAML
+    python -m lmms_eval --model cloc_llava --model_args pretrained=runs/mllm_tiny_stage2 \
+        --include_path runs/world/lmms/tasks --tasks refcoco_bbox_rec_local --batch_size 16 --device cpu \
+        --output_path runs/lmms_out
 """
 
 from __future__ import annotations
@@ -86,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", required=True, type=Path, help="region-text JSONL file or folder of shards")
     parser.add_argument("--out", required=True, type=Path, help="output .parquet (lmms-lab layout: <split>-*.parquet)")
     parser.add_argument("--limit", type=int, help="only the first N records")
+    parser.add_argument("--task-dir", type=Path, help="also write lmms-eval's REC task YAML on the file here")
+    parser.add_argument("--task", default="refcoco_bbox_rec_local", help="the task's name (with --task-dir)")
     args = parser.parse_args(argv)
     try:
         records = read_region_text(args.data)
@@ -94,6 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     rows = write_refcoco_parquet(records[: args.limit] if args.limit else records, args.out)
     print(f"wrote {rows} rows to {args.out}")
+    if args.task_dir is not None and rows:
+        from eval.lmms_eval_plugin import write_rec_task
+
+        split = args.out.name.split("-", 1)[0]  # lmms-lab's file names: <split>-NNNNN.parquet
+        print(f"wrote {write_rec_task(args.task_dir, args.out, task=args.task, split=split)}")
     return 0 if rows else 1
 
 
