@@ -17,7 +17,7 @@ Writes ``results.json`` and ``results.md`` (mean ± sample standard deviation ov
 
     python -m bench.mllm_cloc_vs_clip                          # 3 seeds x (2 towers + 3 arms)
     python -m bench.mllm_cloc_vs_clip --seeds 0 --stage2-steps 800 lr=2e-4
-    python -m bench.mllm_cloc_vs_clip --conversation max_turns=1 "wordings=[default]"
+    python -m bench.mllm_cloc_vs_clip --conversation max_turns=1 "wordings=[default]"   # other conversations
     python -m bench.mllm_cloc_vs_clip --quick                  # smoke run (tiny sizes, one seed)
 """
 
@@ -53,16 +53,15 @@ from cloc_encoder.data.format import RegionTextRecord, read_region_text
 from cloc_encoder.data.synthetic import SyntheticWorldConfig, generate_world
 from eval.mllm_generation import GenerationSettings
 from eval.regions.evaluate import evaluate_regions
-from train.mllm.conversations import conversations_from_records, write_conversations
+from train.mllm.synthetic_data import CONVERSATION_OPTIONS, MLLM_TRAIN_IMAGES, build_training_data
 
 REPO = Path(__file__).resolve().parents[1]
-CONVERSATION_DEFAULTS = {"tasks": ["grounding", "referring"], "max_turns": 0, "expression": "random"}
-"""Conversation options of the recipe (``conversations_from_records``); ``--conversation key=value`` changes them."""
 QUICK = {
     "cloc_steps": 4,
     "stage1_steps": 2,
     "stage2_steps": 3,
     "train_images": 16,
+    "mllm_images": 16,
     "test_images": 4,
     "cloc_overrides": ["batch_size=8", "model_overrides.vision_config.num_hidden_layers=1"],
     "overrides": [
@@ -88,7 +87,8 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
 
 @dataclass
 class Data:
-    """The synthetic world every arm and seed uses: region-text splits and the training conversations."""
+    """The data every arm and seed uses: the encoder world, the MLLM conversations, the MLLM training records (for
+    the constant-box baselines) and the held-out test records."""
 
     world: Path
     conversations: Path
@@ -97,14 +97,14 @@ class Data:
 
 
 def write_data(args: argparse.Namespace) -> Data:
-    """Generate the world (``train_images`` / ``test_images``) and write its conversations (the recipe's options)."""
+    """Generate the encoder world (``train_images`` / ``test_images``) and the MLLM's training data, as the
+    quickstart does (:func:`train.mllm.synthetic_data.build_training_data`: ``mllm_images`` scenes, the recipe's
+    conversation options updated by ``--conversation``)."""
     world = args.out / "world"
     generate_world(SyntheticWorldConfig(), world, {"train": args.train_images, "test": args.test_images})
-    train_records = read_region_text(world / "train.jsonl")
-    options = {**CONVERSATION_DEFAULTS, **parse_options(args.conversation)}
-    conversations = world / "train_conv.json"
-    write_conversations(conversations_from_records(train_records, out_dir=world, **options), conversations)
-    return Data(world, conversations, train_records, read_region_text(world / "test.jsonl"))
+    conversations = build_training_data(args.out / "world_mllm", args.mllm_images, **parse_options(args.conversation))
+    mllm_records = read_region_text(conversations.parent / "train.jsonl")
+    return Data(world, conversations, mllm_records, read_region_text(world / "test.jsonl"))
 
 
 def evaluate_arm(stage2: Any, train: Sequence[RegionTextRecord], test: Sequence[RegionTextRecord], out: Path) -> dict:
@@ -195,8 +195,9 @@ def write_results(args: argparse.Namespace, recipe: Recipe, arm_rows: list[dict]
             "cloc_steps": args.cloc_steps,
             "cloc_overrides": args.cloc_overrides,
             "train_images": args.train_images,
+            "mllm_images": args.mllm_images,
             "test_images": args.test_images,
-            "conversation": {**CONVERSATION_DEFAULTS, **parse_options(args.conversation)},
+            "conversation": {**CONVERSATION_OPTIONS, **parse_options(args.conversation)},
             "recipe": {key: str(value) if isinstance(value, Path) else value for key, value in vars(recipe).items()},
         },
         "arms": {
@@ -238,13 +239,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Recipe]:
     parser.add_argument("--stage1-overrides", nargs="*", default=[], help="MLLM key=value for stage 1 (all arms)")
     parser.add_argument("--stage2-overrides", nargs="*", default=[], help="MLLM key=value for stage 2 (all arms)")
     parser.add_argument("--conversation", nargs="*", default=[], help="conversation option key=value (YAML value)")
-    parser.add_argument("--train-images", type=int, default=2000)
+    parser.add_argument("--train-images", type=int, default=2000, help="encoder world's training images")
+    parser.add_argument("--mllm-images", type=int, default=MLLM_TRAIN_IMAGES, help="MLLM training scenes")
     parser.add_argument("--test-images", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument("overrides", nargs="*", help="MLLM key=value for both stages and every arm")
     args = parser.parse_args(argv)
     if args.quick:
-        for key in ("cloc_steps", "stage1_steps", "stage2_steps", "train_images", "test_images"):
+        for key in ("cloc_steps", "stage1_steps", "stage2_steps", "train_images", "mllm_images", "test_images"):
             setattr(args, key, QUICK[key])
         args.cloc_overrides = [*QUICK["cloc_overrides"], *args.cloc_overrides]
         args.overrides = [*QUICK["overrides"], *args.overrides]

@@ -27,6 +27,7 @@ fi
 PY=.venv/bin/python
 RUNS=${RUNS:-runs}
 WORLD=$RUNS/world
+MLLM_DATA=$RUNS/world_mllm
 CLOC=$RUNS/cloc_tiny
 STAGE1=$RUNS/mllm_tiny_stage1
 STAGE2=$RUNS/mllm_tiny_stage2
@@ -49,23 +50,24 @@ $PY -m cloc_encoder.data.synthetic --out "$WORLD" --train 2000 --val 200 --test 
 
 echo "== 1/4 CLOC pretraining ($CLOC_STEPS steps)"
 $PY -m train.cloc_pretrain --config train/configs/cloc_tiny.yaml $(resume_flag "$CLOC") \
-    output_dir="$CLOC" max_steps="$CLOC_STEPS" val_data="$WORLD/val.jsonl"
+    train_data="$WORLD/train.jsonl" output_dir="$CLOC" max_steps="$CLOC_STEPS" val_data="$WORLD/val.jsonl"
 $PY -m eval encoder --model "$CLOC" --data "$WORLD/test.jsonl" --out "$(latest "$CLOC")/eval_test" --no-progress
 
 echo "== 2/4 MLLM stage 1: projectors ($STAGE1_STEPS steps)"
-$PY -m train.mllm_conversations --data "$WORLD/train.jsonl" --out "$WORLD/train_conv.json" \
-    --tasks grounding,referring --max-turns 0
+# The MLLM's own training scenes (1-3 objects, 20,000 images, its own seed) and their conversations in four
+# wordings (train/mllm/synthetic_data.py); the encoder world's test split stays held out.
+$PY -m train.mllm.synthetic_data --out "$MLLM_DATA"
 start_stage "$STAGE1" "$(latest "$CLOC")"
 $PY -m train.mllm_train --config train/configs/mllm_tiny_stage1.yaml $(resume_flag "$STAGE1") \
-    train_data="$WORLD/train_conv.json" vision_tower="$CLOC" output_dir="$STAGE1" max_steps="$STAGE1_STEPS"
+    train_data="$MLLM_DATA/train_conv.json" vision_tower="$CLOC" output_dir="$STAGE1" max_steps="$STAGE1_STEPS"
 
 echo "== 3/4 MLLM stage 2: LLM + projectors ($STAGE2_STEPS steps)"
 start_stage "$STAGE2" "$(latest "$CLOC") $(latest "$STAGE1")"
 $PY -m train.mllm_train --config train/configs/mllm_tiny_stage2.yaml $(resume_flag "$STAGE2") \
-    train_data="$WORLD/train_conv.json" vision_tower="$CLOC" pretrain_mm_projector="$STAGE1/mm_projector.safetensors" \
+    train_data="$MLLM_DATA/train_conv.json" vision_tower="$CLOC" pretrain_mm_projector="$STAGE1/mm_projector.safetensors" \
     output_dir="$STAGE2" max_steps="$STAGE2_STEPS"
 
 echo "== 4/4 held-out grounding and referring"
-$PY -m eval regions --model "$STAGE2" --data "$WORLD/test.jsonl" --train-data "$WORLD/train.jsonl" \
+$PY -m eval regions --model "$STAGE2" --data "$WORLD/test.jsonl" --train-data "$MLLM_DATA/train.jsonl" \
     --out "$(latest "$STAGE2")/eval_test" --batch-size 32
 echo "model: $(latest "$STAGE2")   metrics: $(latest "$STAGE2")/eval_test/metrics.json"

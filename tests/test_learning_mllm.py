@@ -1,13 +1,13 @@
 """Learning test: a CLOC-LLaVA — the tiny CLOC encoder pretrained by the foundation pipeline (the ``pretrained_cloc``
-fixture) and a tiny Llama from config, with an offline-trained tokenizer — trained in both stages on the synthetic
-world, answers held-out grounding and referring questions far better than the measured baselines.
+fixture) and a tiny Llama from config, with an offline-trained tokenizer — trained in both stages with the shipped
+synthetic-world recipe (``train/mllm/synthetic_data.py``, ``mllm_tiny_stage{1,2}.yaml``), answers held-out
+grounding and referring questions far better than the measured baselines.
 
-Calibration (this machine; docs/benchmarks.md): after 100 stage-1 and 400 stage-2 steps (about 7 minutes on an idle
-machine) referring names the boxed object's colour and shape 85-87% of the time (chance 8.3%); grounding Acc@0.5 is
-5.2% on the 200 test images (480 questions; 6.8-7.2% on the first 100), mean IoU 0.118, against 1.5% (0.095) for
-the best constant box — about 7 standard errors above it. Grounding is the slow
-skill: it needs the LLM to bind colour and shape to a place among 2-3 objects, and keeps rising past the budget of
-a test (docs/benchmarks.md has the longer runs).
+The bars were fixed before this recipe was measured in the test (issue 12 §3): referring above 6x chance (12 colour
+x shape categories); grounding Acc@0.5 at least 3 combined standard errors above the best constant box's,
+3 * sqrt(p(1-p)/n + b(1-b)/n) over the same n = 480 held-out questions (tests/numerics.py); mean IoU 0.03 above
+the constant box's. The quickstart's target (30% Acc@0.5, issue 12 §2) is not a bar here: the recipe does not
+reach it yet (docs/benchmarks.md, "Why the shipped CLOC-LLaVA recipe grounds poorly").
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import pytest
 from cloc_encoder.data.format import read_region_text
 from eval.mllm_generation import GenerationSettings
 from eval.regions.evaluate import evaluate_regions
-from train.mllm.conversations import conversations_from_records, write_conversations
+from tests.numerics import combined_standard_error
 from train.mllm.stages import train_stages
+from train.mllm.synthetic_data import build_training_data
 
 STAGE1_STEPS = 100
 STAGE2_STEPS = 400
@@ -30,12 +31,8 @@ STAGE2_STEPS = 400
 @pytest.mark.timeout(3600)
 def test_tiny_cloc_llava_learns_to_ground_and_refer(pretrained_cloc, tmp_path):
     world = pretrained_cloc.world
-    train_records = read_region_text(world / "train.jsonl")
-    conversations = tmp_path / "train_conv.json"
-    write_conversations(
-        conversations_from_records(train_records, out_dir=tmp_path, tasks=["grounding", "referring"], max_turns=0),
-        conversations,
-    )
+    conversations = build_training_data(tmp_path / "world_mllm")
+    train_records = read_region_text(conversations.parent / "train.jsonl")
     common = ["progress_bar=false", "tensorboard=false"]
     stage1, stage2 = train_stages(
         conversations,
@@ -72,10 +69,11 @@ def test_tiny_cloc_llava_learns_to_ground_and_refer(pretrained_cloc, tmp_path):
             indent=1,
         )
     )
-    # Referring: chance 8.3% (12 colour x shape categories); measured 85-87%.
+    # Referring: chance 8.3% (12 colour x shape categories).
     assert referring["accuracy"] > 6 * referring["chance"], referring
-    # Grounding: measured 5.2% Acc@0.5 against 1.5% for the best constant box (480 questions: the baseline's s.e. is
-    # 0.55 points, so the bar below is > 4.5 standard errors above it).
-    assert grounding["acc@0.5"] > max(baseline + 0.025, 2.5 * baseline), (grounding, baseline)
-    assert grounding["miou"] > max(b["miou"] for b in grounding["baselines"].values()) + 0.01, grounding
-    assert grounding["no_box"] < 0.05 * grounding["num_questions"]  # answers are boxes
+    # Grounding: bars fixed before the measurement (module docstring).
+    accuracy, n = grounding["acc@0.5"], grounding["num_questions"]
+    margin = 3 * combined_standard_error(accuracy, n, baseline, n)
+    assert accuracy >= baseline + margin, (grounding, baseline, margin)
+    assert grounding["miou"] > max(b["miou"] for b in grounding["baselines"].values()) + 0.03, grounding
+    assert grounding["no_box"] < 0.05 * n  # answers are boxes

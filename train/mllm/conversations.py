@@ -386,8 +386,9 @@ def conversations_from_record(
             follow the record's region order, with more the turns are shuffled (seeded by ``seed`` and the record).
         expression: grounding text per region: ``"random"`` (one, drawn from ``(seed, record id)``), ``"first"``,
             or ``"all"`` (one turn each).
-        wordings: names in :data:`mllm.prompts.WORDINGS`; each turn is asked in one of them, drawn from
-            ``(seed, record id, task)`` (``("default",)``: "Where is ...?" / "What is ...?" only).
+        wordings: names in :data:`mllm.prompts.WORDINGS`; each turn is asked in one of them, drawn uniformly from
+            the list by ``(seed, record id, task)`` (a name listed twice is drawn twice as often; ``("default",)``:
+            "Where is ...?" / "What is ...?" only).
         image: the image path to write (default: the record's ``image`` as it is).
     """
     report = report if report is not None else ConversionReport()
