@@ -92,7 +92,7 @@ def screenshot(model: Path, out: Path, example: Path, box: Sequence[float], ques
                 before = page.locator("#chatbot").inner_text()
                 page.locator("#message textarea").fill(question)
                 page.locator("#send").click()
-                answers.append(wait_for_answer(page, before))
+                answers.append(wait_for_answer(page, before).removeprefix(question).strip())
             out.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(out), full_page=True)
             browser.close()

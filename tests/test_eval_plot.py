@@ -134,18 +134,18 @@ def test_codec_override_images_folder_and_exit_statuses(tmp_path: Path, capsys: 
     images.mkdir()
     _png(images / "a.png")
     predictions = tmp_path / "predictions_rec.jsonl"  # no eval_run.json; image moved since the run
-    record = _record("a", "/elsewhere/a.png", "[0.100, 0.100, 0.400, 0.400]")
+    record = _record("a", "/elsewhere/a.png", "[100, 100, 400, 400]")
     predictions.write_text(json.dumps(record) + "\n")
     base = ["plot", "--predictions", str(predictions), "--out", str(tmp_path / "p")]
     assert eval_main(base) == 1  # image not found
     assert "nothing could be plotted" in capsys.readouterr().err
-    assert eval_main([*base, "--images", str(images), "--only-misses"]) == 0  # int999 reads 0.1 as 0.1/999: a miss
-    assert "wrote 1 examples" in capsys.readouterr().out
     assert eval_main([*base, "--images", str(images), "--box-codec", "float", "--only-misses"]) == 0
+    assert "wrote 1 examples" in capsys.readouterr().out  # the float codec reads the integers 100.. as 1: a miss
+    assert eval_main([*base, "--images", str(images), "--only-misses"]) == 0  # int999: 100 / 999 = 0.1001, a hit
     assert "no miss to plot" in capsys.readouterr().out
-    report = plot_predictions(predictions, tmp_path / "q", box_codec="float", images_dir=images)
-    assert report.box_codec == "float" and len(report.files) == 1
-    assert json.loads((tmp_path / "q" / "examples.jsonl").read_text())["iou"] == 1.0
+    report = plot_predictions(predictions, tmp_path / "q", box_codec="int999", images_dir=images)
+    assert report.box_codec == "int999" and len(report.files) == 1
+    assert json.loads((tmp_path / "q" / "examples.jsonl").read_text())["iou"] == pytest.approx(1.0, abs=0.01)
 
     assert eval_main(["plot", "--predictions", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "x")]) == 2
     assert eval_main([*base, "--num", "0"]) == 2
