@@ -54,8 +54,8 @@ $PY -m train.cloc_pretrain --config train/configs/cloc_tiny.yaml $(resume_flag "
 $PY -m eval encoder --model "$CLOC" --data "$WORLD/test.jsonl" --out "$(latest "$CLOC")/eval_test" --no-progress
 
 echo "== 2/4 MLLM stage 1: projectors ($STAGE1_STEPS steps)"
-# The MLLM's own training scenes (1-3 objects, 20,000 images, its own seed) and their conversations in four
-# wordings (train/mllm/synthetic_data.py); the encoder world's test split stays held out.
+# The MLLM's own training scenes (1-3 objects, 20,000 images, its own seed) and their conversations
+# (train/mllm/synthetic_data.py); the encoder world's test split stays held out.
 $PY -m train.mllm.synthetic_data --out "$MLLM_DATA"
 start_stage "$STAGE1" "$(latest "$CLOC")"
 $PY -m train.mllm_train --config train/configs/mllm_tiny_stage1.yaml $(resume_flag "$STAGE1") \

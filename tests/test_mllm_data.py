@@ -401,3 +401,16 @@ def test_dataset_over_world_conversations(world, tmp_path, processor):
     for index in range(0, len(dataset), 7):
         item = dataset[index]
         assert (item["labels"] != IGNORE_INDEX).any() and item["pixel_values"].shape == (1, 3, 32, 32)
+
+
+def test_recipe_training_data_is_its_own_world(tmp_path):
+    from train.mllm.synthetic_data import MLLM_WORLD, build_training_data, main
+
+    path = build_training_data(tmp_path / "mllm", images=12)
+    records = read_region_text(tmp_path / "mllm" / "train.jsonl")
+    assert len(records) == 12 and not (tmp_path / "mllm" / "test.jsonl").exists()  # no held-out split here
+    assert MLLM_WORLD.seed != 0 and MLLM_WORLD.min_objects == 1  # not the encoder world's stream (seed 0)
+    samples = read_conversations(path)
+    assert {s.extra["task"] for s in samples} == {"grounding", "referring"}
+    assert all(s.image_path.is_file() for s in samples)
+    assert main(["--out", str(tmp_path / "x"), "--images", "0"]) == 2
