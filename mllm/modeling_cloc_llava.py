@@ -146,11 +146,8 @@ class CLOCLlavaVisualFeatures:
         if state.hidden_states is None:
             raise ValueError("the image state has no hidden states: encode the images with the vision tower")
         layers = self.config.feature_layers
-        selected = (
-            torch.cat([state.hidden_states[layer] for layer in layers], dim=-1)
-            if len(layers) > 1
-            else (state.hidden_states[layers[0]])
-        )
+        hidden = [state.hidden_states[layer] for layer in layers]
+        selected = hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=-1)
         if self.config.vision_config.has_cls_token and not keep_cls:
             selected = selected[:, 1:]
         return selected

@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Locator, Page, sync_playwright
 
 from cloc_encoder.distributed import free_port
 from serve.demo import EXAMPLES_DIR, build_demo, launch
@@ -47,6 +47,16 @@ def find_chromium() -> str | None:
         if found:
             return found
     return None
+
+
+def drag_box(page: Page, image: Locator, box: Sequence[float]) -> None:
+    """Drag the mouse over ``box`` (normalised ``xyxy`` of the displayed image) to draw a region on the canvas."""
+    frame = image.bounding_box()
+    x1, y1, x2, y2 = box
+    page.mouse.move(frame["x"] + x1 * frame["width"], frame["y"] + y1 * frame["height"])
+    page.mouse.down()
+    page.mouse.move(frame["x"] + x2 * frame["width"], frame["y"] + y2 * frame["height"], steps=8)
+    page.mouse.up()
 
 
 def wait_for_answer(page: Page, before: str) -> str:
@@ -81,12 +91,7 @@ def screenshot(model: Path, out: Path, example: Path, box: Sequence[float], ques
             page.locator("#upload input[type=file]").set_input_files(str(example))
             image = page.locator("#canvas img.cloc-image")
             image.wait_for()
-            frame = image.bounding_box()
-            x1, y1, x2, y2 = box
-            page.mouse.move(frame["x"] + x1 * frame["width"], frame["y"] + y1 * frame["height"])
-            page.mouse.down()
-            page.mouse.move(frame["x"] + x2 * frame["width"], frame["y"] + y2 * frame["height"], steps=8)
-            page.mouse.up()
+            drag_box(page, image, box)
             page.locator("#regions").get_by_text("[region0]").first.wait_for()
             for question in questions:
                 before = page.locator("#chatbot").inner_text()

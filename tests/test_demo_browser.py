@@ -20,7 +20,7 @@ from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
 from cloc_encoder.distributed import free_port
-from scripts.demo_screenshot import CHROMIUM_FLAGS, find_chromium
+from scripts.demo_screenshot import CHROMIUM_FLAGS, drag_box, find_chromium
 from serve.boxes import BOX_COLOUR, REGION_COLOUR
 from serve.demo import EXAMPLES_DIR, build_demo, launch
 from tests.scripted_engine import scripted_engine
@@ -79,12 +79,7 @@ def test_demo_in_chromium(demo_url, tmp_path):
             plain = image.get_attribute("src")
 
             # Drag a box over the red square.
-            box = image.bounding_box()
-            x1, y1, x2, y2 = SQUARE
-            page.mouse.move(box["x"] + x1 * box["width"], box["y"] + y1 * box["height"])
-            page.mouse.down()
-            page.mouse.move(box["x"] + x2 * box["width"], box["y"] + y2 * box["height"], steps=8)
-            page.mouse.up()
+            drag_box(page, image, SQUARE)
             expect(page.locator("#regions")).to_contain_text("[region0]")
             page.wait_for_function(
                 "(plain) => document.querySelector('#canvas img.cloc-image').src !== plain", arg=plain
