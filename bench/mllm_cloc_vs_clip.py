@@ -19,6 +19,11 @@ Writes ``results.json`` and ``results.md`` (mean ± sample standard deviation ov
     python -m bench.mllm_cloc_vs_clip --seeds 0 --stage2-steps 800 lr=2e-4
     python -m bench.mllm_cloc_vs_clip --conversation max_turns=1 "wordings=[default]"   # other conversations
     python -m bench.mllm_cloc_vs_clip --quick                  # smoke run (tiny sizes, one seed)
+
+Seeds can run as separate processes (on separate cores, ``OMP_NUM_THREADS=1`` each) and be joined afterwards:
+
+    python -m bench.mllm_cloc_vs_clip --seeds 0 --out runs/bench_s0    # ... one process per seed
+    python -m bench.mllm_cloc_vs_clip --merge runs/bench_s0 runs/bench_s1 runs/bench_s2 --out runs/bench
 """
 
 from __future__ import annotations
@@ -214,6 +219,46 @@ def write_results(args: argparse.Namespace, recipe: Recipe, arm_rows: list[dict]
     (args.out / "results.md").write_text(format_report(arm_rows, tower_rows) + "\n", encoding="utf-8")
 
 
+def merge_results(folders: Sequence[Path], out: Path) -> dict[str, Any]:
+    """Join the ``results.json`` of runs that differ only in their seeds into one report in ``out``.
+
+    Raises ``SystemExit`` naming the folder whose settings (other than ``seeds``) or arms differ from the first's,
+    or that repeats a seed."""
+    results = []
+    for folder in folders:
+        path = folder / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"error: --merge: {path} does not exist")
+        results.append(json.loads(path.read_text(encoding="utf-8")))
+    first = results[0]
+    seeds: list[int] = []
+    for folder, result in zip(folders, results, strict=True):
+        for key in ("settings", "arms", "towers"):
+            mine = {k: v for k, v in result[key].items() if k != "seeds"} if key == "settings" else result[key]
+            theirs = {k: v for k, v in first[key].items() if k != "seeds"} if key == "settings" else first[key]
+            if mine != theirs:
+                raise SystemExit(f"error: --merge: {folder}/results.json: its {key} differ from {folders[0]}'s")
+        repeated = set(seeds) & set(result["settings"]["seeds"])
+        if repeated:
+            raise SystemExit(f"error: --merge: {folder}/results.json repeats seed(s) {sorted(repeated)}")
+        seeds += result["settings"]["seeds"]
+    arm_rows = [row for result in results for row in result["rows"]]
+    tower_rows = [row for result in results for row in result["tower_rows"]]
+    merged = {
+        **first,
+        "settings": {**first["settings"], "seeds": seeds},
+        "merged_from": [str(folder) for folder in folders],
+        "summary": summarise(arm_rows, "arm", _metric_keys(arm_rows, "arm")),
+        "tower_summary": summarise(tower_rows, "tower", _metric_keys(tower_rows, "tower")),
+        "rows": arm_rows,
+        "tower_rows": tower_rows,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
+    (out / "results.md").write_text(format_report(arm_rows, tower_rows) + "\n", encoding="utf-8")
+    return merged
+
+
 def _metric_keys(rows: Sequence[dict], key: str) -> list[tuple[str, str, bool]]:
     """The numeric fields of ``rows`` (other than ``key`` and ``seed``), as ``summarise`` takes them."""
     names = dict.fromkeys(
@@ -243,6 +288,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Recipe]:
     parser.add_argument("--mllm-images", type=int, default=MLLM_TRAIN_IMAGES, help="MLLM training scenes")
     parser.add_argument("--test-images", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
+    parser.add_argument("--merge", type=Path, nargs="+", help="join these runs' results.json into --out (no training)")
     parser.add_argument("overrides", nargs="*", help="MLLM key=value for both stages and every arm")
     args = parser.parse_args(argv)
     if args.quick:
@@ -266,6 +312,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Recipe]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, recipe = parse_args(argv)
+    if args.merge:
+        merged = merge_results(args.merge, args.out)
+        print(format_report(merged["rows"], merged["tower_rows"]))
+        print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
+        return 0
     torch.manual_seed(0)
     arm_rows, tower_rows = run(args, recipe)
     print(format_report(arm_rows, tower_rows))

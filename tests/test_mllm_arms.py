@@ -4,6 +4,7 @@ through both stages from the recipe's YAMLs; the mean ± standard deviation repo
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -146,3 +147,30 @@ def test_mean_std_and_report():
     report = format_report(rows, towers)
     assert "| A | 2 | 20.0 ± 14.1% |" in report
     assert "| T | 1 | 90.0% |" in report and "| A | 1 | 30.0% |" in report
+
+
+def _results(folder, seeds, lr="3e-4"):
+    rows = [{"arm": "A", "seed": s, "grounding_acc@0.5": 0.1 * (s + 1)} for s in seeds]
+    towers = [{"tower": "T", "seed": s, "region_cls_acc": 0.9} for s in seeds]
+    folder.mkdir()
+    result = {"settings": {"seeds": seeds, "recipe": {"lr": lr}}, "arms": {"A": {}}, "towers": {"T": []}}
+    result.update(rows=rows, tower_rows=towers)
+    (folder / "results.json").write_text(json.dumps(result))
+    return folder
+
+
+def test_merge_joins_seed_runs_and_refuses_mismatches(tmp_path):
+    from bench.mllm_cloc_vs_clip import main
+
+    a, b = _results(tmp_path / "a", [0]), _results(tmp_path / "b", [1, 2])
+    assert main(["--merge", str(a), str(b), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert merged["settings"]["seeds"] == [0, 1, 2] and len(merged["rows"]) == 3
+    assert merged["summary"]["A"]["grounding_acc@0.5"]["n"] == 3
+    assert abs(merged["summary"]["A"]["grounding_acc@0.5"]["mean"] - 0.2) < 1e-12
+    assert "| A | 3 |" in (tmp_path / "m" / "results.md").read_text()
+    other = _results(tmp_path / "c", [3], lr="1e-3")
+    with pytest.raises(SystemExit, match=r"c/results\.json: its settings differ"):
+        main(["--merge", str(a), str(other), "--out", str(tmp_path / "m2")])
+    with pytest.raises(SystemExit, match="repeats seed"):
+        main(["--merge", str(a), str(a), "--out", str(tmp_path / "m3")])
