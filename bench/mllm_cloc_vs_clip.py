@@ -58,6 +58,7 @@ from cloc_encoder.data.format import RegionTextRecord, read_region_text
 from cloc_encoder.data.synthetic import SyntheticWorldConfig, generate_world
 from eval.mllm_generation import GenerationSettings
 from eval.regions.evaluate import evaluate_regions
+from train.mllm.conversations import ConversionReport
 from train.mllm.synthetic_data import CONVERSATION_OPTIONS, MLLM_TRAIN_IMAGES, build_training_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +108,10 @@ def write_data(args: argparse.Namespace) -> Data:
     conversation options updated by ``--conversation``)."""
     world = args.out / "world"
     generate_world(SyntheticWorldConfig(), world, {"train": args.train_images, "test": args.test_images})
-    conversations = build_training_data(args.out / "world_mllm", args.mllm_images, **parse_options(args.conversation))
+    report = ConversionReport()
+    options = parse_options(args.conversation)
+    conversations = build_training_data(args.out / "world_mllm", args.mllm_images, report=report, **options)
+    print(report.summary(), flush=True)
     mllm_records = read_region_text(conversations.parent / "train.jsonl")
     return Data(world, conversations, mllm_records, read_region_text(world / "test.jsonl"))
 

@@ -88,6 +88,15 @@ def test_stage1_trains_the_prompter_in_its_own_group(chat_tokenizer, tmp_path):
     assert prompter.corner_embeddings.grad.abs().sum() > 0
 
 
+def test_tune_prompter_with_roi_align_is_refused(chat_tokenizer, tmp_path):
+    """The RoI arm does not use the prompter: asking to train it is an error, not a silent no-op."""
+    overrides = ["tune_prompter=true", "vision_tower=null", f"output_dir={tmp_path}", "train_data=x"]
+    config = load_mllm_config(TINY_STAGE1, [*overrides, "model_overrides.region_feature=roi_align"])
+    model = assemble_model(config, chat_tokenizer)
+    with pytest.raises(ValueError, match="region_feature is 'roi_align'"):
+        configure_trainable(model, config)
+
+
 def _recipe() -> Recipe:
     return Recipe(stage1_steps=2, stage2_steps=2, overrides=list(TINY_RECIPE))
 

@@ -43,29 +43,30 @@ CONVERSATION_OPTIONS: dict[str, Any] = {
     "expression": "random",
     "wordings": (DEFAULT_WORDING,),
 }
+"""Options of :func:`train.mllm.conversations.conversations_from_records` for the recipe."""
 MIXED_WORDINGS = (DEFAULT_WORDING,) * 3 + tuple(w for w in WORDINGS if w != DEFAULT_WORDING)
 """Half ours, a sixth each of Ferret's, LLaVA-1.5's and lmms-eval's: ``--wordings`` of a model that must answer
 other harnesses' prompts. Not the default yet: in two of three runs it stopped the tiny model naming circles
 (referring 44-45% instead of 85%; docs/benchmarks.md)."""
-"""Options of :func:`train.mllm.conversations.conversations_from_records` for the recipe."""
 
 
 def build_training_data(
     out_dir: str | Path,
     images: int = MLLM_TRAIN_IMAGES,
     world: SyntheticWorldConfig = MLLM_WORLD,
+    report: ConversionReport | None = None,
     **options: Any,
 ) -> Path:
     """Generate (or reuse, when up to date) the scenes under ``out_dir`` and write their conversations to
-    ``out_dir/train_conv.json``; ``options`` override :data:`CONVERSATION_OPTIONS`. Returns the conversations file."""
+    ``out_dir/train_conv.json``; ``options`` override :data:`CONVERSATION_OPTIONS`, ``report`` (when given) counts
+    what was converted and left out. Returns the conversations file."""
     out = Path(out_dir)
     generate_world(world, out, {"train": images})
     records = read_region_text(out / "train.jsonl")
-    report = ConversionReport()
+    report = report if report is not None else ConversionReport()
     samples = conversations_from_records(records, out_dir=out, report=report, **{**CONVERSATION_OPTIONS, **options})
     path = out / CONVERSATIONS_FILE
     write_conversations(samples, path)
-    print(report.summary())
     return path
 
 
@@ -78,7 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --images must be >= 1, got {args.images}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    path = build_training_data(args.out, args.images)
+    report = ConversionReport()
+    path = build_training_data(args.out, args.images, report=report)
+    print(report.summary())
     print(f"wrote {path} ({time.perf_counter() - start:.1f}s)")
     return 0
 

@@ -70,9 +70,16 @@ def configure_trainable(module: nn.Module, config: MLLMTrainConfig) -> dict[str,
     Always: both projectors. Stage 2: the LLM (all of it, or only the LoRA adapters when ``module`` is a PEFT
     model). ``tune_prompter``: the prompter except its text-prompt projection (and its embedding projection when
     the region projector reads the pooled output). ``tune_vision_tower``: the ViT except its pooled-output head.
-    Counts are of full parameters, also when ZeRO-3 has partitioned them.
+    Counts are of full parameters, also when ZeRO-3 has partitioned them. Raises ``ValueError`` for
+    ``tune_prompter`` with ``region_feature="roi_align"`` (the prompter is not used then, so it would not train).
     """
     model = unwrap(module)
+    if config.tune_prompter and model.config.region_feature == "roi_align":
+        raise ValueError(
+            "tune_prompter=true, but the model's region_feature is 'roi_align': <region> features are RoI-aligned "
+            "patch tokens and the prompter is unused, so it would not train. Drop tune_prompter, or set "
+            "model_overrides.region_feature to 'pooled' or 'embedding'"
+        )
     lora = module is not model
     for name, parameter in module.named_parameters():
         parameter.requires_grad = lora and "lora_" in name and config.stage == 2
