@@ -28,8 +28,9 @@ from typing import Any
 
 import openai
 
-from tests.vllm.conftest import Server, free_port, start_vllm_server, stop_server
-from tests.vllm.tiny_vllm import CASES, REPO, VLLM_MISSING_REASON, VLLM_PYTHON, ChatCase, save_tiny_vllm_model
+from bench.chat_servers import REPO, VLLM_MISSING_REASON, VLLM_PYTHON, Server, start_vllm_server, stop_server
+from bench.vllm_tiny import CASES, ChatCase, extra_body, messages, save_tiny_vllm_model
+from cloc_encoder.distributed import free_port
 
 
 def start_serve_api(model_dir: Path, log: Path, name: str = "tiny", timeout_s: float = 300) -> Server:
@@ -56,8 +57,6 @@ def start_serve_api(model_dir: Path, log: Path, name: str = "tiny", timeout_s: f
 
 def request_kwargs(case: ChatCase, server_kind: str, max_tokens: int) -> dict[str, Any]:
     """One chat request; the regions travel as each server documents (docs/serving.md)."""
-    from tests.vllm.test_vllm_serve import extra_body, messages
-
     body = extra_body(case.regions) if server_kind == "vllm" else {"regions": case.regions}
     return {"messages": messages(case), "temperature": 0, "max_tokens": max_tokens, "extra_body": body}
 
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or save_tiny_vllm_model(Path(tmp) / "tiny-cloc-llava")
         logs = Path(tmp)
-        results: dict[str, Any] = {"model": str(args.model or "tiny (tests/vllm/tiny_vllm.py)"), "servers": {}}
+        results: dict[str, Any] = {"model": str(args.model or "tiny (bench/vllm_tiny.py)"), "servers": {}}
         results["servers"]["vllm"] = bench_server(
             lambda: start_vllm_server(model, logs / "vllm.log", extra_args=["--dtype", "float32", *args.vllm_arg]),
             "vllm", args.concurrency, args.requests, args.max_tokens,

@@ -7,8 +7,10 @@ import json
 import subprocess
 from pathlib import Path
 
-from tests.vllm.conftest import TinyModel, vllm_env
-from tests.vllm.tiny_vllm import CASES, MAX_NEW_TOKENS, REPO, VLLM_PYTHON
+from bench.chat_servers import REPO, VLLM_PYTHON, vllm_env
+from bench.vllm_tiny import CASES
+from tests.vllm.conftest import TinyModel
+from tests.vllm.tiny_vllm import MAX_NEW_TOKENS
 
 
 def test_offline_generate_equals_ours(tiny_vllm_model: TinyModel, tmp_path: Path) -> None:

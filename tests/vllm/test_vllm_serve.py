@@ -13,20 +13,10 @@ from typing import Any
 import openai
 import pytest
 
-from tests.vllm.conftest import Server, TinyModel
-from tests.vllm.tiny_vllm import CASES, MAX_NEW_TOKENS, ChatCase, png_data_uri
-
-
-def messages(case: ChatCase, with_image: bool = True) -> list[dict[str, Any]]:
-    content: list[dict[str, Any]] = [{"type": "text", "text": case.message}]
-    if with_image:
-        content.insert(0, {"type": "image_url", "image_url": {"url": png_data_uri(case.image)}})
-    return [{"role": "user", "content": content}]
-
-
-def extra_body(regions: list[list[float]]) -> dict[str, Any]:
-    """What a client adds for CLOC-LLaVA (docs/serving.md): the regions, and the BOS token the chat template omits."""
-    return {"mm_processor_kwargs": {"regions": regions}, "add_special_tokens": True}
+from bench.chat_servers import Server
+from bench.vllm_tiny import CASES, ChatCase, extra_body, messages
+from tests.vllm.conftest import TinyModel
+from tests.vllm.tiny_vllm import MAX_NEW_TOKENS
 
 
 def same_text(got: str | None, reference: str) -> bool:
