@@ -16,8 +16,8 @@ chat template, the image first):
   attention on image tokens and, of that, the share on the target's patches; uniform attention over the image puts
   the patches' share of the image there (``object_area``).
 
-Writes JSON to ``--out`` (default: stdout only). Eager attention is used (for the attention weights); the numbers
-are of one model on CPU in fp32.
+Writes JSON to ``--out`` (default: stdout only). Eager attention is used (for the attention weights); ``--device``
+and ``--dtype`` as for ``python -m eval`` (a 7B model: ``--device cuda --dtype bfloat16``).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from PIL import Image
 from cloc_encoder.boxes import box_iou_pairwise
 from cloc_encoder.data.format import RegionTextRecord, read_region_text
 from cloc_encoder.run_folder import resolve_model_folder
+from eval.mllm_cli import DTYPE_NAMES
 from eval.mllm_generation import prompt_text
 from eval.regions.tasks import grounding_questions
 from mllm import CLOCLlavaProcessor
@@ -132,11 +133,12 @@ def model_diagnostics(model: Any, processor: CLOCLlavaProcessor, records: Sequen
             prompt = prompt_text(processor, question.text)
             answer = " " + codec.encode(question.target_box)
             inputs = processor(images=[image], text=[prompt + answer], return_tensors="pt")
+            inputs = inputs.to(model.device, model.dtype)
             prompt_length = processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
             output = model(**inputs, output_attentions=True)
-            ids = inputs["input_ids"][0]
+            ids = inputs["input_ids"][0].cpu()
             targets = ids[prompt_length:]
-            predicted = output.logits[0, prompt_length - 1 : -1].argmax(-1)
+            predicted = output.logits[0, prompt_length - 1 : -1].argmax(-1).cpu()
             pieces = processor.tokenizer.convert_ids_to_tokens(targets)
             decoded = [processor.tokenizer.convert_tokens_to_string([p]) for p in pieces]
             offsets, cursor = [], 0
@@ -155,7 +157,7 @@ def model_diagnostics(model: Any, processor: CLOCLlavaProcessor, records: Sequen
             image_positions = (ids == image_token).nonzero()[:, 0]
             mask = _patch_mask(transform.boxes_to_model([question.target_box])[0].tolist(), grid)
             for layer, weights in enumerate(output.attentions):
-                row = weights[0, :, writer, :].double().mean(0)  # mean over heads
+                row = weights[0, :, writer, :].double().mean(0).cpu()  # mean over heads
                 image_share = row[image_positions].sum()
                 on_image[layer] += image_share
                 on_object[layer] += row[image_positions][mask].sum() / image_share.clamp_min(1e-12)
@@ -180,10 +182,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--predictions", type=Path, help="predictions_grounding.jsonl of `python -m eval regions`")
     parser.add_argument("--images", type=int, default=80, help="records for the digit and attention diagnostics")
     parser.add_argument("--out", type=Path, help="write the report here as JSON")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="model dtype (default float32)")
     args = parser.parse_args(argv)
     folder = resolve_model_folder(args.model)
-    model = load_pretrained_model(folder, attn_implementation="eager").eval()
-    processor = CLOCLlavaProcessor.from_pretrained(folder)
+    dtype = getattr(torch, args.dtype)
+    model = load_pretrained_model(folder, attn_implementation="eager", dtype=dtype, local_files_only=True)
+    model = model.to(args.device).eval()
+    processor = CLOCLlavaProcessor.from_pretrained(folder, local_files_only=True)
     records = read_region_text(args.data)
     report: dict[str, Any] = {"model": str(folder), "data": str(args.data)}
     if args.predictions is not None:
