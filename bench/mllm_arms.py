@@ -249,12 +249,47 @@ def _table(title: str, summary: dict, metrics: Sequence[tuple[str, str, bool]]) 
     return lines
 
 
+PAIRED_METRICS = (
+    ("grounding_acc@0.5", "grounding Acc@0.5", True),
+    ("grounding_miou", "grounding mIoU", False),
+    ("referring_acc", "referring acc", True),
+)
+"""``(key, column, percent)`` of the paired-difference table."""
+
+
+def paired_differences(arm_rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown lines: each arm minus the first arm on the same seed (seeds pair data order and MLLM init), mean ±
+    sample standard deviation over the seeds both ran; empty with fewer than two arms."""
+    by_arm: dict[str, dict[int, dict[str, Any]]] = {}
+    for row in arm_rows:
+        by_arm.setdefault(row["arm"], {})[row["seed"]] = row
+    if len(by_arm) < 2:
+        return []
+    reference, *others = by_arm
+    lines = ["", f"Paired differences against {reference} (same seed; mean ± sample std over seeds):", ""]
+    lines += ["| arm | seeds | " + " | ".join(f"Δ {column}" for _, column, _ in PAIRED_METRICS) + " |"]
+    lines.append("| --- " * (len(PAIRED_METRICS) + 2) + "|")
+    for arm in others:
+        seeds = sorted(set(by_arm[arm]) & set(by_arm[reference]))
+        cells = []
+        for key, _, percent in PAIRED_METRICS:
+            stats = mean_std([_difference(by_arm[arm][s].get(key), by_arm[reference][s].get(key)) for s in seeds])
+            cells.append(_cell(stats["mean"], stats["std"], percent).replace("%", " pt"))  # points, not percent
+        lines.append(f"| {arm} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _difference(value: float | None, reference: float | None) -> float | None:
+    return None if value is None or reference is None else value - reference
+
+
 def format_report(arm_rows: Sequence[dict[str, Any]], tower_rows: Sequence[dict[str, Any]]) -> str:
     """Markdown: per arm and per tower mean ± sample standard deviation over seeds, then the per-seed rows."""
     lines = ["MLLM arms (mean ± sample std over seeds):", ""]
     lines += _table("arm", summarise(arm_rows, "arm", ARM_METRICS), ARM_METRICS)
     lines += ["", "Vision towers, encoder metrics (`python -m eval encoder`):", ""]
     lines += _table("tower", summarise(tower_rows, "tower", ENCODER_METRICS), ENCODER_METRICS)
+    lines += paired_differences(arm_rows)
     lines += ["", "Per seed:", ""]
     lines += ["| arm | seed | " + " | ".join(column for _, column, _ in ARM_METRICS) + " |"]
     lines.append("| --- " * (len(ARM_METRICS) + 2) + "|")

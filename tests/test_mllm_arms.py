@@ -156,6 +156,10 @@ def test_mean_std_and_report():
     report = format_report(rows, towers)
     assert "| A | 2 | 20.0 ± 14.1% |" in report
     assert "| T | 1 | 90.0% |" in report and "| A | 1 | 30.0% |" in report
+    rows += [{"arm": "B", "seed": s, "grounding_acc@0.5": v, "referring_acc": 0.4} for s, v in enumerate((0.2, 0.3))]
+    report = format_report(rows, towers)
+    assert "Paired differences against A" in report
+    assert "| B | 2 | 5.0 ± 7.1 pt | n/a | -10.0 ± 0.0 pt |" in report  # (0.1, 0.0) and (-0.1, -0.1) in points
 
 
 def _results(folder, seeds, lr="3e-4"):
