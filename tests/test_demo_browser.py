@@ -3,7 +3,8 @@
 It uploads a corrupt file (a message, not a traceback), then an image, drags a box on it, sends a message that
 uses ``[region0]`` and checks that the answer streams in and that the answer's box and the region are drawn.
 Chromium comes from ``apt-get install chromium`` (``.ci/run`` installs it); Playwright's own browser download is
-never used. Set ``CLOC_DEMO_SCREENSHOT=docs/demo.png`` to refresh the README's screenshot.
+never used. ``CLOC_DEMO_SCREENSHOT=/tmp/demo_scripted.png`` saves the final page for a look (its answers are
+scripted, so it is not the README's screenshot: ``scripts/demo_screenshot.py`` makes that one with a real model).
 """
 
 from __future__ import annotations
