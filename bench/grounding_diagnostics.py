@@ -51,6 +51,7 @@ def answer_diagnostics(records: Sequence[RegionTextRecord], predictions: Path, c
     answers: dict[str, set[str]] = defaultdict(set)
     asked: Counter[str] = Counter()
     selected = multi = hits = 0
+    chance = 0.0  # sum over the counted questions of 1 / objects in their image
     ious: list[float] = []
     with open(predictions, encoding="utf-8") as handle:
         for line in handle:
@@ -65,6 +66,7 @@ def answer_diagnostics(records: Sequence[RegionTextRecord], predictions: Path, c
             if len(objects) < 2 or box is None:
                 continue
             multi += 1
+            chance += 1.0 / len(objects)
             target = torch.tensor(prediction["target_box"], dtype=torch.float64)
             overlaps = box_iou_pairwise(torch.tensor([box], dtype=torch.float64).expand(len(objects), 4), objects)
             if torch.allclose(objects[int(overlaps.argmax())], target, atol=1e-6):
@@ -73,13 +75,12 @@ def answer_diagnostics(records: Sequence[RegionTextRecord], predictions: Path, c
                 ious.append(iou)
                 hits += iou >= 0.5
     several = [image for image, count in asked.items() if count > 1]
-    mean_objects = sum(len(boxes_of[i]) for i in asked) / max(len(asked), 1)
     return {
         "images_with_several_questions": len(several),
         "answers_differ": sum(len(answers[i]) > 1 for i in several),
         "questions_on_multi_object_images": multi,
         "selection_rate": selected / multi if multi else None,
-        "selection_chance": 1.0 / mean_objects if mean_objects else None,
+        "selection_chance": chance / multi if multi else None,
         "iou_when_selected": sum(ious) / len(ious) if ious else None,
         "acc@0.5_when_selected": hits / len(ious) if ious else None,
     }

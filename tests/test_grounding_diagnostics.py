@@ -54,6 +54,7 @@ def test_answer_diagnostics_count_selection_and_question_sensitivity(world, tmp_
     questions = sum(len(r.regions) for r in records)
     assert report["questions_on_multi_object_images"] == questions  # 2-3 objects on every image
     assert report["selection_rate"] == pytest.approx(len(records) / questions)
+    assert report["selection_chance"] == pytest.approx(len(records) / questions)  # 1/objects summed per image
     assert report["answers_differ"] == 0 and report["images_with_several_questions"] == len(records)
     assert report["iou_when_selected"] == pytest.approx(1.0, abs=0.01) and report["acc@0.5_when_selected"] == 1.0
 
