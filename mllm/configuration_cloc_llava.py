@@ -36,6 +36,11 @@ class CLOCLlavaConfig(PreTrainedConfig):
             Towers without a CLS token (SigLIP) give the same features either way.
         image_token_id, region_token_id: ids of the ``<image>`` and ``<region>`` placeholder tokens.
         box_codec: name of the box⇄text codec in :data:`mllm.box_codec.BOX_CODECS` (``"int999"`` or ``"float"``).
+        image_token_merge: side ``m`` of the square of neighbouring patches merged into one image token before the
+            image projector (1: one token per patch, as LLaVA). Each ``m × m`` block's features are concatenated
+            along the channels (the projector reads ``m² · W`` per feature layer), so the LLM sees ``P / m²``
+            image tokens that keep every patch's feature (InternVL's pixel shuffle, Qwen2-VL's spatial merge). The
+            patch grid's side must be a multiple of ``m``, and the CLS token cannot be kept with ``m > 1``.
         image_seq_length: ``<image>`` tokens per image; derived from the vision config when ``None``.
         multimodal_projector_bias: whether the projectors' linear layers have biases.
     """
@@ -58,6 +63,7 @@ class CLOCLlavaConfig(PreTrainedConfig):
     image_token_id: int = 32000
     region_token_id: int = 32001
     box_codec: str = DEFAULT_BOX_CODEC
+    image_token_merge: int = 1
     image_seq_length: int | None = None
     multimodal_projector_bias: bool = True
     tie_word_embeddings: bool = False
@@ -90,6 +96,18 @@ class CLOCLlavaConfig(PreTrainedConfig):
             raise ValueError(
                 f"CLOCLlavaConfig.region_token_id={self.region_token_id} equals image_token_id; they must differ"
             )
+        grid = self.vision_config.vision_config.image_size // self.vision_config.vision_config.patch_size
+        merge = self.image_token_merge
+        if isinstance(merge, bool) or not isinstance(merge, int) or merge < 1 or grid % merge:
+            raise ValueError(
+                f"CLOCLlavaConfig.image_token_merge={merge!r}: expected a positive int dividing the {grid} x {grid} "
+                "patch grid"
+            )
+        if merge > 1 and self.vision_feature_select_strategy == "full" and self.vision_config.has_cls_token:
+            raise ValueError(
+                "CLOCLlavaConfig.image_token_merge > 1 merges patches only; use vision_feature_select_strategy "
+                "'default' (the CLS token cannot be merged)"
+            )
         expected = self.num_image_features
         if self.image_seq_length is None:
             self.image_seq_length = expected
@@ -97,7 +115,8 @@ class CLOCLlavaConfig(PreTrainedConfig):
             raise ValueError(
                 f"CLOCLlavaConfig.image_seq_length={self.image_seq_length} but the vision tower gives {expected} "
                 f"features per image ({self.vision_config.num_patches} patches, "
-                f"vision_feature_select_strategy={self.vision_feature_select_strategy!r}); leave it None"
+                f"vision_feature_select_strategy={self.vision_feature_select_strategy!r}, "
+                f"image_token_merge={self.image_token_merge}); leave it None"
             )
         # LLaVA's workaround: checkpoints record tying in the text config.
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
@@ -105,9 +124,10 @@ class CLOCLlavaConfig(PreTrainedConfig):
 
     @property
     def num_image_features(self) -> int:
-        """Visual tokens per image: patches, plus the CLS token with ``"full"`` on a tower that has one."""
+        """Visual tokens per image: patches (``P / image_token_merge²``), plus the CLS token with ``"full"`` on a
+        tower that has one."""
         keeps_cls = self.vision_feature_select_strategy == "full" and self.vision_config.has_cls_token
-        return self.vision_config.num_patches + int(keeps_cls)
+        return self.vision_config.num_patches // self.image_token_merge**2 + int(keeps_cls)
 
     @property
     def feature_layers(self) -> list[int]:
@@ -117,8 +137,13 @@ class CLOCLlavaConfig(PreTrainedConfig):
 
     @property
     def image_feature_size(self) -> int:
-        """Width of the image features the image projector reads: ViT width ``W`` per feature layer."""
+        """Width of one patch's image feature: ViT width ``W`` per feature layer (what ``"roi_align"`` pools)."""
         return self.vision_config.vision_width * len(self.feature_layers)
+
+    @property
+    def image_projector_input_size(self) -> int:
+        """Width the image projector reads: :attr:`image_feature_size` times ``image_token_merge²``."""
+        return self.image_feature_size * self.image_token_merge**2
 
     @property
     def region_feature_size(self) -> int:

@@ -41,6 +41,22 @@ ROI_ALIGN_OUTPUT_SIZE = 2
 adaptive sampling: about one point per patch of box side) and the bins are averaged to one vector per box."""
 
 
+def merge_patch_tokens(tokens: torch.Tensor, merge: int) -> torch.Tensor:
+    """Concatenate each ``merge × merge`` block of neighbouring patch tokens: ``(B, G·G, C)`` row-major patch
+    tokens of a ``G × G`` grid → ``(B, (G/merge)², merge²·C)``, blocks row-major, each block's patches row-major
+    along the channels. Any dtype; ``G`` must be a multiple of ``merge``."""
+    batch, patches, channels = tokens.shape
+    grid = math.isqrt(patches)
+    if grid * grid != patches or grid % merge:
+        raise ValueError(
+            f"cannot merge {merge} x {merge} patches of a {patches}-patch image (a square grid whose side "
+            f"is a multiple of {merge} is needed)"
+        )
+    side = grid // merge
+    blocks = tokens.reshape(batch, side, merge, side, merge, channels).permute(0, 1, 3, 2, 4, 5)
+    return blocks.reshape(batch, side * side, merge * merge * channels)
+
+
 def roi_align_patch_features(
     patch_tokens: torch.Tensor,
     boxes: torch.Tensor,
@@ -137,7 +153,10 @@ class CLOCLlavaVisualFeatures:
         reads (for :meth:`get_region_features`)."""
         state = self.vision_tower.encode_images(pixel_values.to(self.vision_tower.dtype))
         keep_cls = self.config.vision_feature_select_strategy == "full"
-        return self.multi_modal_projector(self.feature_layer_tokens(state, keep_cls)), state
+        tokens = self.feature_layer_tokens(state, keep_cls)
+        if self.config.image_token_merge > 1:
+            tokens = merge_patch_tokens(tokens, self.config.image_token_merge)
+        return self.multi_modal_projector(tokens), state
 
     def feature_layer_tokens(self, state: CLOCImageState, keep_cls: bool = False) -> torch.Tensor:
         """Hidden state(s) ``config.vision_feature_layer`` of the ViT pass: ``(B, P, C)`` patch tokens,
@@ -180,7 +199,9 @@ class CLOCLlavaModel(CLOCLlavaVisualFeatures, CLOCLlavaPreTrainedModel):
         hidden = config.text_config.hidden_size
         bias = config.multimodal_projector_bias
         self.vision_tower = CLOCVisionTower._from_config(config.vision_config)
-        self.multi_modal_projector = CLOCLlavaProjector(config.image_feature_size, hidden, config.projector_type, bias)
+        self.multi_modal_projector = CLOCLlavaProjector(
+            config.image_projector_input_size, hidden, config.projector_type, bias
+        )
         self.region_projector = CLOCLlavaProjector(
             config.region_feature_size, hidden, config.region_projector_type, bias
         )

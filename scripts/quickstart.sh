@@ -3,8 +3,9 @@
 # tiny CLOC encoder on it, train a CLOC-LLaVA on that encoder in two stages, and print held-out grounding and
 # referring accuracy.
 #   bash scripts/quickstart.sh          # default run, about 12 minutes on 2 CPU cores
-#   bash scripts/quickstart.sh --long   # stage 2 three times longer: better grounding (about 40 minutes; after a
-#                                       # default run it continues that run's stage 2 from step 400)
+#   bash scripts/quickstart.sh --long   # stage 2 four times longer (1600 steps): 24% held-out grounding instead
+#                                       # of 12% (docs/benchmarks.md, fourth round; stage 2 takes about four times
+#                                       # as long; after a default run it continues that run's stage 2 from step 400)
 # Step counts can be set one by one: CLOC_STEPS=... STAGE1_STEPS=... STAGE2_STEPS=... bash scripts/quickstart.sh;
 # RUNS=DIR puts the world and the runs under DIR instead of runs/.
 # Re-running continues each stage from its last checkpoint; a stage whose input changed (a longer CLOC run, say)
@@ -20,7 +21,7 @@ for arg in "$@"; do
     esac
 done
 if [ "$LONG" = 1 ]; then
-    CLOC_STEPS=${CLOC_STEPS:-450} STAGE1_STEPS=${STAGE1_STEPS:-100} STAGE2_STEPS=${STAGE2_STEPS:-1200}
+    CLOC_STEPS=${CLOC_STEPS:-450} STAGE1_STEPS=${STAGE1_STEPS:-100} STAGE2_STEPS=${STAGE2_STEPS:-1600}
 else
     CLOC_STEPS=${CLOC_STEPS:-450} STAGE1_STEPS=${STAGE1_STEPS:-100} STAGE2_STEPS=${STAGE2_STEPS:-400}
 fi

@@ -13,7 +13,7 @@ from PIL import Image
 
 from cloc_encoder.data.format import RecordError, read_region_text
 from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor, get_box_codec
-from mllm.chat_template import VICUNA_V1_CHAT_TEMPLATE
+from mllm.chat_template import CHAT_TEMPLATES, INSTRUCTION_FIRST_CHAT_TEMPLATE, VICUNA_V1_CHAT_TEMPLATE
 from mllm.prompts import LMMS_EVAL_REC_PREAMBLE, WORDINGS
 from mllm.tiny import tiny_config
 from train.mllm.conversations import (
@@ -242,6 +242,35 @@ def test_only_assistant_tokens_carry_the_loss(processor):
     assert (labels[: len(prompt_ids)] == IGNORE_INDEX).all() and labels[len(prompt_ids)] != IGNORE_INDEX
     by_prefix = encode_conversation(processor, record.messages(), image, record.boxes, assistant_mask="prefix")
     assert torch.equal(by_prefix.labels, labels)
+
+
+def test_instruction_first_template_puts_the_image_after_the_question(processor):
+    instruction_first = _with_template(processor, CHAT_TEMPLATES["instruction_first"])
+    record = parse_conversation(SAMPLE)
+    text = instruction_first.apply_chat_template(record.messages(), tokenize=False)
+    assert text == (
+        "USER: What is [100, 200, 300, 400] <region>?\n<image> ASSISTANT: A red circle.</s>"
+        "USER: Where is the blue square? ASSISTANT: [10, 20, 300, 400]</s>"
+    )
+    system = [{"role": "system", "content": "Be brief."}, *record.messages()[:2]]
+    assert instruction_first.apply_chat_template(system, tokenize=False).startswith("Be brief. USER: What is")
+    # Same supervision as Vicuna v1; the <image> tokens come after the question's.
+    image = Image.new("RGB", (40, 30), (200, 30, 30))
+    encoded = encode_conversation(instruction_first, record.messages(), image, record.boxes, sample_id="s1")
+    assert _supervised(instruction_first, encoded) == " A red circle.</s> [10, 20, 300, 400]</s>"
+    ids = encoded.input_ids.tolist()
+    first_image = ids.index(processor.image_token_id)
+    assert ids.index(processor.region_token_id) < first_image
+    assert ids[first_image : first_image + processor.image_seq_length] == [processor.image_token_id] * (
+        processor.image_seq_length
+    )
+    prompt = instruction_first.apply_chat_template(record.messages()[:1], add_generation_prompt=True)
+    prompt_ids = instruction_first(images=[image], text=[prompt], boxes=[record.boxes])["input_ids"][0]
+    assert torch.equal(encoded.input_ids[: len(prompt_ids)], prompt_ids)
+    assert CHAT_TEMPLATES == {
+        "vicuna_v1": VICUNA_V1_CHAT_TEMPLATE,
+        "instruction_first": INSTRUCTION_FIRST_CHAT_TEMPLATE,
+    }
 
 
 def test_template_and_mask_mismatches_raise_naming_the_sample(processor):

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 from cloc_encoder import CLOCModel
 from cloc_encoder.compat import enable_activation_checkpointing
 from mllm import CLOCLlavaConfig, CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor, CLOCVisionTower
+from mllm.modeling_cloc_llava import merge_patch_tokens
 from mllm.regions import expand_regions
 from mllm.tiny import tiny_config
 from mllm.tokenization import add_mllm_tokens
@@ -385,11 +386,51 @@ def test_feature_options(chat_tokenizer, overrides, sequence_length):
         ({"vision_feature_layer": []}, r"CLOCLlavaConfig.vision_feature_layer=\[\]"),
         ({"image_seq_length": 576}, "CLOCLlavaConfig.image_seq_length=576 but the vision tower gives 16"),
         ({"region_token_id": 4}, "CLOCLlavaConfig.region_token_id=4 equals image_token_id"),
+        ({"image_token_merge": 3}, r"CLOCLlavaConfig.image_token_merge=3: .* 4 x 4 patch grid"),
+        ({"image_token_merge": 0}, r"CLOCLlavaConfig.image_token_merge=0: "),
+        (
+            {"image_token_merge": 2, "vision_feature_select_strategy": "full"},
+            "image_token_merge > 1 merges patches only",
+        ),
     ],
 )
 def test_config_validation_names_the_field(chat_tokenizer, overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(chat_tokenizer, **overrides)
+
+
+def test_merge_patch_tokens_concatenates_each_block_of_neighbours():
+    grid, merge, channels = 4, 2, 3
+    tokens = torch.arange(2 * grid * grid * channels, dtype=torch.float32).reshape(2, grid * grid, channels)
+    merged = merge_patch_tokens(tokens, merge)
+    assert merged.shape == (2, 4, merge * merge * channels)
+    for block_row in range(grid // merge):
+        for block_col in range(grid // merge):
+            patches = [
+                (block_row * merge + r) * grid + block_col * merge + c for r in range(merge) for c in range(merge)
+            ]
+            expected = torch.cat([tokens[:, p] for p in patches], dim=-1)
+            assert torch.equal(merged[:, block_row * (grid // merge) + block_col], expected)
+    assert torch.equal(merge_patch_tokens(tokens.bfloat16(), merge), merged.bfloat16())
+    with pytest.raises(ValueError, match="cannot merge 3 x 3 patches of a 16-patch image"):
+        merge_patch_tokens(tokens, 3)
+
+
+def test_image_token_merge_feeds_the_llm_fewer_tokens(chat_tokenizer):
+    torch.manual_seed(0)
+    config = tiny_config(chat_tokenizer, image_token_merge=2)
+    assert config.image_seq_length == 4 and config.image_projector_input_size == 4 * config.image_feature_size
+    model = CLOCLlavaForConditionalGeneration(config).eval()
+    processor = CLOCLlavaProcessor.from_model_config(config, chat_tokenizer)
+    inputs = processor(images=[_image(32, 32, 5)], text=[_prompt(processor, "Where is it?")])
+    assert int((inputs["input_ids"] == config.image_token_id).sum()) == 4
+    with torch.no_grad():
+        output = model(**inputs)
+        state = model.model.vision_tower.encode_images(inputs["pixel_values"])
+        patches = state.hidden_states[config.vision_feature_layer][:, 1:]
+        expected = model.model.multi_modal_projector(merge_patch_tokens(patches, 2))
+    torch.testing.assert_close(output.image_features, expected)
+    assert output.logits.shape[1] == inputs["input_ids"].shape[1]
 
 
 def test_adding_placeholder_tokens_to_a_plain_tokenizer(caption_tokenizer, chat_tokenizer):

@@ -97,7 +97,7 @@ class CLOCLlavaForConditionalGenerationVLLM(CLOCLlavaVisualFeatures, nn.Module, 
         with self._mark_tower_model(vllm_config, "image"):
             self.vision_tower = CLOCVisionTower._from_config(config.vision_config)
             self.multi_modal_projector = CLOCLlavaProjector(
-                config.image_feature_size, hidden, config.projector_type, bias
+                config.image_projector_input_size, hidden, config.projector_type, bias
             )
             self.region_projector = CLOCLlavaProjector(
                 config.region_feature_size, hidden, config.region_projector_type, bias

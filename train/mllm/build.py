@@ -34,7 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from cloc_encoder.distributed import DistributedContext
 from cloc_encoder.image_processing import CLOCImageProcessor
 from mllm import CLOCLlavaConfig, CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor, CLOCVisionTower
-from mllm.chat_template import VICUNA_SYSTEM_PROMPT, VICUNA_V1_CHAT_TEMPLATE
+from mllm.chat_template import CHAT_TEMPLATES, VICUNA_SYSTEM_PROMPT
 from mllm.loading import load_pretrained_model, quantization_config_for
 from mllm.modeling_cloc_llava import CLOCLlavaProjector
 from mllm.tiny import TINY_CORPUS, tiny_config
@@ -84,12 +84,14 @@ def training_texts(records: Sequence[ConversationRecord]) -> list[str]:
 
 
 def _with_template(tokenizer: PreTrainedTokenizerBase, config: MLLMTrainConfig) -> PreTrainedTokenizerBase:
-    if config.chat_template == "vicuna_v1":
-        tokenizer.chat_template = VICUNA_V1_CHAT_TEMPLATE
+    if config.chat_template in CHAT_TEMPLATES:
+        tokenizer.chat_template = CHAT_TEMPLATES[config.chat_template]
     elif config.chat_template:
         path = Path(config.chat_template)
         if not path.is_file():
-            raise ConfigError(f"chat_template={config.chat_template!r}: not 'vicuna_v1' nor a Jinja template file")
+            raise ConfigError(
+                f"chat_template={config.chat_template!r}: not one of {sorted(CHAT_TEMPLATES)} nor a Jinja template file"
+            )
         tokenizer.chat_template = path.read_text(encoding="utf-8")
     return tokenizer
 
@@ -215,7 +217,7 @@ def _new_projectors(
     hidden, bias = config.text_config.hidden_size, config.multimodal_projector_bias
     torch.manual_seed(seed)
     with zero_init(ds_config):
-        image = CLOCLlavaProjector(config.image_feature_size, hidden, config.projector_type, bias)
+        image = CLOCLlavaProjector(config.image_projector_input_size, hidden, config.projector_type, bias)
         region = CLOCLlavaProjector(config.region_feature_size, hidden, config.region_projector_type, bias)
     if not is_zero3(ds_config):
         image, region = image.to(dtype), region.to(dtype)

@@ -56,7 +56,8 @@ class MLLMTrainConfig:
     """Which tokens carry the loss: the template's ``{% generation %}`` blocks, or each reply found by rendering the
     prompt before it (for templates without generation blocks)."""
     chat_template: str | None = None
-    """``null``: the tokenizer's template (Vicuna v1 when it has none); ``vicuna_v1``; or a path to a Jinja file."""
+    """``null``: the tokenizer's template (Vicuna v1 when it has none); a name in
+    :data:`mllm.chat_template.CHAT_TEMPLATES` (``vicuna_v1``, ``instruction_first``); or a path to a Jinja file."""
     resize_mode: Literal["pad", "squash", "crop"] | None = None
     """Image resizing (``null``: the saved image processor's, else ``pad``)."""
     num_workers: int = 0
