@@ -115,8 +115,7 @@ def _patch_mask(box: Sequence[float], grid: int) -> torch.Tensor:
 def model_diagnostics(model: Any, processor: CLOCLlavaProcessor, records: Sequence[RegionTextRecord]) -> dict:
     """Teacher-forced digit accuracy and attention on the target at the first coordinate (see the module doc)."""
     codec = get_box_codec(model.config.box_codec)
-    vision = model.config.vision_config.vision_config
-    grid = vision.image_size // vision.patch_size // model.config.image_token_merge  # image tokens per side
+    grid = model.config.image_token_grid_size
     image_token = model.config.image_token_id
     correct: Counter[str] = Counter()
     seen: Counter[str] = Counter()

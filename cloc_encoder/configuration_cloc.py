@@ -153,8 +153,13 @@ class CLOCConfig(PreTrainedConfig):
         return self.vision_config.hidden_size
 
     @property
+    def patch_grid_size(self) -> int:
+        """Patches per side of the (square) patch grid."""
+        return self.vision_config.image_size // self.vision_config.patch_size
+
+    @property
     def num_patches(self) -> int:
-        return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
+        return self.patch_grid_size**2
 
 
 __all__ = ["CLOCConfig"]

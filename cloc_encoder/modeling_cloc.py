@@ -136,7 +136,7 @@ class CLOCPreTrainedModel(PreTrainedModel):
         elif isinstance(module, CLOCModel):
             if self.config.vision_position_init == "sincos2d":
                 embedding = module.vision_model.embeddings.position_embedding
-                patches = self.config.vision_config.image_size // self.config.vision_config.patch_size
+                patches = self.config.patch_grid_size
                 table = sincos_2d_position_table(
                     patches, embedding.embedding_dim, embedding.num_embeddings > patches**2
                 )

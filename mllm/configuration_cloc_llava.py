@@ -96,7 +96,7 @@ class CLOCLlavaConfig(PreTrainedConfig):
             raise ValueError(
                 f"CLOCLlavaConfig.region_token_id={self.region_token_id} equals image_token_id; they must differ"
             )
-        grid = self.vision_config.vision_config.image_size // self.vision_config.vision_config.patch_size
+        grid = self.vision_config.patch_grid_size
         merge = self.image_token_merge
         if isinstance(merge, bool) or not isinstance(merge, int) or merge < 1 or grid % merge:
             raise ValueError(
@@ -128,6 +128,12 @@ class CLOCLlavaConfig(PreTrainedConfig):
         tower that has one."""
         keeps_cls = self.vision_feature_select_strategy == "full" and self.vision_config.has_cls_token
         return self.vision_config.num_patches // self.image_token_merge**2 + int(keeps_cls)
+
+    @property
+    def image_token_grid_size(self) -> int:
+        """Image tokens per side of the image-token grid (patch tokens, raster order): the patch grid's side over
+        ``image_token_merge``."""
+        return self.vision_config.patch_grid_size // self.image_token_merge
 
     @property
     def feature_layers(self) -> list[int]:

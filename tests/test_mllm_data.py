@@ -16,6 +16,9 @@ from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor, get_box_
 from mllm.chat_template import CHAT_TEMPLATES, INSTRUCTION_FIRST_CHAT_TEMPLATE, VICUNA_V1_CHAT_TEMPLATE
 from mllm.prompts import LMMS_EVAL_REC_PREAMBLE, WORDINGS
 from mllm.tiny import tiny_config
+from train.config import ConfigError
+from train.mllm.build import _with_template as with_template
+from train.mllm.config import MLLMTrainConfig
 from train.mllm.conversations import (
     conversation_read_report,
     conversations_from_record,
@@ -267,10 +270,21 @@ def test_instruction_first_template_puts_the_image_after_the_question(processor)
     prompt = instruction_first.apply_chat_template(record.messages()[:1], add_generation_prompt=True)
     prompt_ids = instruction_first(images=[image], text=[prompt], boxes=[record.boxes])["input_ids"][0]
     assert torch.equal(encoded.input_ids[: len(prompt_ids)], prompt_ids)
-    assert CHAT_TEMPLATES == {
-        "vicuna_v1": VICUNA_V1_CHAT_TEMPLATE,
-        "instruction_first": INSTRUCTION_FIRST_CHAT_TEMPLATE,
-    }
+
+
+def test_training_config_picks_a_named_template_or_a_file(processor, tmp_path):
+    tokenizer = copy.deepcopy(processor.tokenizer)
+    for name in ("instruction_first", "vicuna_v1"):
+        config = MLLMTrainConfig(train_data="x.json", chat_template=name)
+        assert with_template(tokenizer, config).chat_template == CHAT_TEMPLATES[name]
+    assert CHAT_TEMPLATES["instruction_first"] == INSTRUCTION_FIRST_CHAT_TEMPLATE != VICUNA_V1_CHAT_TEMPLATE
+    jinja = tmp_path / "plain.jinja"
+    jinja.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}", encoding="utf-8")
+    config = MLLMTrainConfig(train_data="x.json", chat_template=str(jinja))
+    assert with_template(tokenizer, config).chat_template == jinja.read_text(encoding="utf-8")
+    config = MLLMTrainConfig(train_data="x.json", chat_template="instruction_last")
+    with pytest.raises(ConfigError, match=r"'instruction_last': not one of \['instruction_first', 'vicuna_v1'\]"):
+        with_template(tokenizer, config)
 
 
 def test_template_and_mask_mismatches_raise_naming_the_sample(processor):

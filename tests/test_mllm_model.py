@@ -420,6 +420,7 @@ def test_image_token_merge_feeds_the_llm_fewer_tokens(chat_tokenizer):
     torch.manual_seed(0)
     config = tiny_config(chat_tokenizer, image_token_merge=2)
     assert config.image_seq_length == 4 and config.image_projector_input_size == 4 * config.image_feature_size
+    assert config.image_token_grid_size == 2 and tiny_config(chat_tokenizer).image_token_grid_size == 4
     model = CLOCLlavaForConditionalGeneration(config).eval()
     processor = CLOCLlavaProcessor.from_model_config(config, chat_tokenizer)
     inputs = processor(images=[_image(32, 32, 5)], text=[_prompt(processor, "Where is it?")])
