@@ -29,6 +29,7 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT_STAMP" ] \
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
+  bash scripts/require_disk.sh 8 "the vLLM venv ($VENV, ~6.3 GiB installed)"
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip install --quiet)
