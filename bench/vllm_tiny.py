@@ -28,18 +28,24 @@ TINY_VLLM_TEXT_CONFIG = {
 """Overrides of :func:`mllm.tiny.tiny_config`'s language model: ``head_dim`` 64 (vLLM's CPU attention needs it)."""
 
 
-def save_tiny_vllm_model(folder: Path, seed: int = 0) -> Path:
-    """Save a tiny random CLOC-LLaVA (``head_dim`` 64) and its processor to ``folder``."""
+def save_tiny_vllm_model(
+    folder: Path, seed: int = 0, chat_template: str = "vicuna_v1", image_token_merge: int = 1
+) -> Path:
+    """Save a tiny random CLOC-LLaVA (``head_dim`` 64) and its processor to ``folder``; ``chat_template`` names one
+    of :data:`mllm.chat_template.CHAT_TEMPLATES` (``instruction_first``: the image after the question, as the
+    synthetic-world recipe trains), ``image_token_merge`` is the config's (2: 2 × 2 patches per image token)."""
     from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor
+    from mllm.chat_template import CHAT_TEMPLATES
     from mllm.tiny import TINY_CORPUS, tiny_config
     from mllm.tokenization import train_chat_tokenizer
 
     tokenizer = train_chat_tokenizer(TINY_CORPUS, vocab_size=320)
     torch.manual_seed(seed)
-    config = tiny_config(tokenizer, text_config=dict(TINY_VLLM_TEXT_CONFIG))
+    config = tiny_config(tokenizer, text_config=dict(TINY_VLLM_TEXT_CONFIG), image_token_merge=image_token_merge)
     model = CLOCLlavaForConditionalGeneration._from_config(config).eval()
     model.save_pretrained(folder)
-    CLOCLlavaProcessor.from_model_config(config, tokenizer).save_pretrained(folder)
+    processor = CLOCLlavaProcessor.from_model_config(config, tokenizer, chat_template=CHAT_TEMPLATES[chat_template])
+    processor.save_pretrained(folder)
     return folder
 
 

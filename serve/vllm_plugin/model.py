@@ -8,9 +8,10 @@
   plain PyTorch: under tensor parallelism every rank holds and runs a full copy (the tower is small next to the LLM).
 - Language model: vLLM's implementation of ``text_config``'s architecture (``LlamaForCausalLM``, ...), with paged
   attention, tensor and pipeline parallelism.
-- :meth:`embed_multimodal` returns, per image, its ``image_seq_length`` projected patch features followed by the
-  projected prompter features of its regions; the processor (:mod:`serve.vllm_plugin.processing`) marks the image
-  and ``<region>`` tokens of the image's placeholder range, in that order.
+- :meth:`embed_multimodal` returns, per image, the projected prompter features of the regions before the image
+  in the prompt, its ``image_seq_length`` projected patch features, then those of the regions after it: the order
+  of the image and ``<region>`` tokens that the processor (:mod:`serve.vllm_plugin.processing`) marks in the
+  image's placeholder range.
 
 Weights load from the ``save_pretrained`` folder (``model.vision_tower.*``, ``model.multi_modal_projector.*``,
 ``model.region_projector.*``, ``model.language_model.*``, ``lm_head.*``).
@@ -112,7 +113,8 @@ class CLOCLlavaForConditionalGenerationVLLM(CLOCLlavaVisualFeatures, nn.Module, 
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        """Per image: ``(image_seq_length + R_i, H)`` = projected patch features, then its regions' features."""
+        """Per image: ``(image_seq_length + R_i, H)`` = its first ``regions_before_image`` regions' features, the
+        projected patch features, then its other regions' features (the prompt's order)."""
         pixel_values = kwargs.get("pixel_values")
         if pixel_values is None:
             return []
@@ -126,6 +128,12 @@ class CLOCLlavaForConditionalGenerationVLLM(CLOCLlavaVisualFeatures, nn.Module, 
             if counts is None
             else torch.as_tensor(counts if not isinstance(counts, list) else torch.stack(counts)).reshape(-1).long()
         )
+        before = kwargs.get("regions_before_image")
+        before = (
+            torch.zeros(num_images, dtype=torch.long)
+            if before is None
+            else torch.as_tensor(before if not isinstance(before, list) else torch.stack(before)).reshape(-1).long()
+        )
         if isinstance(boxes, (list, tuple)):
             boxes = torch.cat([b.reshape(-1, 4) for b in boxes]) if boxes else None
         image_features, state = self.encode_images(pixel_values)
@@ -135,7 +143,8 @@ class CLOCLlavaForConditionalGenerationVLLM(CLOCLlavaVisualFeatures, nn.Module, 
             region_features = self.get_region_features(state, boxes.reshape(-1, 4).float(), index)
             region_features = region_features.to(image_features.dtype)
             for image, features in enumerate(torch.split(region_features, counts.tolist())):
-                per_image[image] = torch.cat([per_image[image], features])
+                first = int(before[image])
+                per_image[image] = torch.cat([features[:first], per_image[image], features[first:]])
         return per_image
 
     def forward(

@@ -9,11 +9,12 @@
   ``regions`` rule of :mod:`serve.vllm_plugin.regions` to the prompt (``[regionK]`` references, or one box per
   ``<region>``), and the image's own :class:`~cloc_encoder.image_processing.FrameTransform` maps the boxes to the
   model frame (``FrameTransform.boxes_to_model``, the call ``CLOCLlavaProcessor`` makes).
-- Placeholders: the image item's placeholder range runs from its first image token to its last ``<region>`` token,
-  with ``is_embed`` marking the image and ``<region>`` tokens only; the model returns, per image, its
-  ``image_seq_length`` image features followed by one region feature per ``<region>``, and vLLM scatters them in
-  that order. So the prompter's outputs land exactly on the ``<region>`` positions, and vLLM's scheduler, encoder
-  cache and prefix cache treat them as part of the image item.
+- Placeholders: the image item's placeholder range runs from its first image or ``<region>`` token to its last,
+  with ``is_embed`` marking the image and ``<region>`` tokens only; the model returns, per image, the features of
+  the ``<region>`` tokens before the image (a question asked before the image, as ``instruction_first`` templates
+  do), its ``image_seq_length`` image features, then the features of the ``<region>`` tokens after it, and vLLM
+  scatters them in that order. So the prompter's outputs land exactly on the ``<region>`` positions, and vLLM's
+  scheduler, encoder cache and prefix cache treat them as part of the image item.
 
 Bad requests raise :class:`vllm.exceptions.VLLMValidationError`, which vLLM's server answers
 with a 400 and a message.
@@ -57,6 +58,9 @@ MAX_REGIONS_PER_IMAGE = 64
 
 REGIONS_KWARG = "regions"
 """The ``mm_processor_kwargs`` key that carries a request's region boxes."""
+
+REGIONS_BEFORE_IMAGE_KWARG = "regions_before_image"
+"""Set by the processor (never by a request): how many of the boxes belong to ``<region>`` tokens before the image."""
 
 
 class CLOCLlavaProcessingInfo(BaseProcessingInfo):
@@ -164,10 +168,9 @@ class CLOCLlavaMultiModalProcessor(BaseMultiModalProcessor[CLOCLlavaProcessingIn
                 "boxes; pass one box per region",
                 parameter=f"mm_processor_kwargs.{REGIONS_KWARG}",
             )
-        if region_positions and (not image_positions or region_positions[0] < image_positions[0]):
+        if region_positions and not image_positions:
             raise VLLMValidationError(
-                f"a {processor.region_token} comes before the image in the prompt; regions refer to the image, so "
-                "put the image first (in the first user message)",
+                f"the prompt has {processor.region_token} tokens but no image; regions refer to the image",
                 parameter="messages",
             )
         if len(boxes) > MAX_REGIONS_PER_IMAGE:
@@ -176,26 +179,35 @@ class CLOCLlavaMultiModalProcessor(BaseMultiModalProcessor[CLOCLlavaProcessingIn
                 parameter=f"mm_processor_kwargs.{REGIONS_KWARG}",
             )
         kwargs[REGIONS_KWARG] = [list(box) for box in boxes]
+        kwargs[REGIONS_BEFORE_IMAGE_KWARG] = sum(position < image_positions[0] for position in region_positions)
         return dataclasses.replace(inputs, prompt=prompt, hf_processor_mm_kwargs=kwargs)
 
     # ----- pixels and boxes (what the HF processor would return) ------------------------------------------------
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         """The CLOC image processor on the images; the resolved regions (original frame) mapped to the model frame
-        by the first image's :class:`~cloc_encoder.image_processing.FrameTransform`."""
+        by the first image's :class:`~cloc_encoder.image_processing.FrameTransform`, and how many of them come
+        before the image in the prompt."""
         processor = self.info.get_hf_processor()
         images = [_as_pil(image) for image in hf_data.get("images", [])]  # type: ignore[union-attr]
         processed = processor.image_processor(images)
         transforms = processed["frame_transforms"]
         boxes = list(hf_kwargs.get(REGIONS_KWARG) or [])
         counts = torch.zeros(len(images), dtype=torch.long)
+        before = torch.zeros(len(images), dtype=torch.long)
         if boxes:
             region_boxes = transforms[0].region_boxes_to_model(boxes).reshape(-1, 4)
             counts[0] = len(boxes)
+            before[0] = int(hf_kwargs.get(REGIONS_BEFORE_IMAGE_KWARG) or 0)
         else:
             region_boxes = torch.zeros(0, 4)
         return BatchFeature(
-            {"pixel_values": processed["pixel_values"], "region_boxes": region_boxes, "region_counts": counts}
+            {
+                "pixel_values": processed["pixel_values"],
+                "region_boxes": region_boxes,
+                "region_counts": counts,
+                "regions_before_image": before,
+            }
         )
 
     def _get_mm_fields_config(
@@ -206,6 +218,7 @@ class CLOCLlavaMultiModalProcessor(BaseMultiModalProcessor[CLOCLlavaProcessingIn
             "pixel_values": MultiModalFieldConfig.batched("image"),
             "region_boxes": MultiModalFieldConfig.flat_from_sizes("image", counts),
             "region_counts": MultiModalFieldConfig.batched("image"),
+            "regions_before_image": MultiModalFieldConfig.batched("image"),
         }
 
     # ----- placeholders -------------------------------------------------------------------------------------------
@@ -229,7 +242,7 @@ class CLOCLlavaMultiModalProcessor(BaseMultiModalProcessor[CLOCLlavaProcessingIn
         self, token_ids: list[int], mm_prompt_updates: MultiModalPromptUpdates
     ) -> tuple[list[int], Mapping[str, list[PlaceholderFeaturesInfo]]]:
         """vLLM's ``<image>`` expansion, then the image's placeholder range extended over the ``<region>`` tokens
-        that follow it (``is_embed``: image and region tokens)."""
+        before and after it (``is_embed``: image and region tokens)."""
         new_token_ids, placeholders = super()._apply_prompt_updates(token_ids, mm_prompt_updates)
         config = self.info.get_hf_config()
         images = list(placeholders.get("image", []))
@@ -239,18 +252,19 @@ class CLOCLlavaMultiModalProcessor(BaseMultiModalProcessor[CLOCLlavaProcessingIn
         regions = [i for i, token in enumerate(new_token_ids) if token == config.region_token_id]
         if not regions:
             return new_token_ids, placeholders
-        end = regions[-1] + 1
-        tokens = new_token_ids[image.start_idx : end]
+        start, end = min(regions[0], image.start_idx), max(regions[-1] + 1, image.start_idx + image.length)
+        tokens = new_token_ids[start:end]
         span = torch.tensor(tokens)
         is_embed = (span == config.image_token_id) | (span == config.region_token_id)
         extended = PlaceholderFeaturesInfo(
-            modality="image", item_idx=image.item_idx, start_idx=image.start_idx, tokens=tokens, is_embed=is_embed
+            modality="image", item_idx=image.item_idx, start_idx=start, tokens=tokens, is_embed=is_embed
         )
         return new_token_ids, {**placeholders, "image": [extended]}
 
 
 __all__ = [
     "MAX_REGIONS_PER_IMAGE",
+    "REGIONS_BEFORE_IMAGE_KWARG",
     "REGIONS_KWARG",
     "CLOCLlavaDummyInputsBuilder",
     "CLOCLlavaMultiModalProcessor",

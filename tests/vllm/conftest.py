@@ -36,6 +36,15 @@ def tiny_vllm_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     return TinyModel(folder, reference_answers(folder, CASES))
 
 
+@pytest.fixture(scope="session")
+def tiny_vllm_instruction_first_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    """The synthetic-world recipe's layout: the question before the image (``instruction_first``), and 2 x 2
+    patches merged into each image token (``image_token_merge=2``)."""
+    folder = tmp_path_factory.mktemp("tiny_vllm_if") / "tiny-cloc-llava-if"
+    save_tiny_vllm_model(folder, seed=1, chat_template="instruction_first", image_token_merge=2)
+    return TinyModel(folder, reference_answers(folder, CASES))
+
+
 @pytest.fixture(scope="module")
 def vllm_server(tiny_vllm_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server = start_vllm_server(tiny_vllm_model.folder, tmp_path_factory.mktemp("vllm_serve") / "server.log")
