@@ -59,6 +59,15 @@ def language_model_architecture(config: CLOCLlavaConfig) -> str:
     return name
 
 
+def _per_image(value: object, num_images: int) -> torch.Tensor:
+    """A batched per-image count field (a tensor, a list of 0-d tensors, or absent: zeros) as ``(num_images,)``."""
+    if value is None:
+        return torch.zeros(num_images, dtype=torch.long)
+    if isinstance(value, (list, tuple)):
+        value = torch.stack([torch.as_tensor(v) for v in value])
+    return torch.as_tensor(value).reshape(-1).long()
+
+
 @MULTIMODAL_REGISTRY.register_processor(
     CLOCLlavaMultiModalProcessor, info=CLOCLlavaProcessingInfo, dummy_inputs=CLOCLlavaDummyInputsBuilder
 )
@@ -121,19 +130,9 @@ class CLOCLlavaForConditionalGenerationVLLM(CLOCLlavaVisualFeatures, nn.Module, 
         if isinstance(pixel_values, (list, tuple)):
             pixel_values = torch.stack(list(pixel_values))
         boxes = kwargs.get("region_boxes")
-        counts = kwargs.get("region_counts")
         num_images = pixel_values.shape[0]
-        counts = (
-            torch.zeros(num_images, dtype=torch.long)
-            if counts is None
-            else torch.as_tensor(counts if not isinstance(counts, list) else torch.stack(counts)).reshape(-1).long()
-        )
-        before = kwargs.get("regions_before_image")
-        before = (
-            torch.zeros(num_images, dtype=torch.long)
-            if before is None
-            else torch.as_tensor(before if not isinstance(before, list) else torch.stack(before)).reshape(-1).long()
-        )
+        counts = _per_image(kwargs.get("region_counts"), num_images)
+        before = _per_image(kwargs.get("regions_before_image"), num_images)
         if isinstance(boxes, (list, tuple)):
             boxes = torch.cat([b.reshape(-1, 4) for b in boxes]) if boxes else None
         image_features, state = self.encode_images(pixel_values)
