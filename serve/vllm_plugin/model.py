@@ -41,6 +41,7 @@ from mllm.modeling_cloc_llava import CLOCLlavaProjector, CLOCLlavaVisualFeatures
 from mllm.vision_tower import CLOCVisionTower
 from serve.vllm_plugin import TOKENIZER_MODE
 from serve.vllm_plugin.processing import (
+    REGIONS_BEFORE_IMAGE_KWARG,
     CLOCLlavaDummyInputsBuilder,
     CLOCLlavaMultiModalProcessor,
     CLOCLlavaProcessingInfo,
@@ -132,7 +133,7 @@ class CLOCLlavaForConditionalGenerationVLLM(CLOCLlavaVisualFeatures, nn.Module, 
         boxes = kwargs.get("region_boxes")
         num_images = pixel_values.shape[0]
         counts = _per_image(kwargs.get("region_counts"), num_images)
-        before = _per_image(kwargs.get("regions_before_image"), num_images)
+        before = _per_image(kwargs.get(REGIONS_BEFORE_IMAGE_KWARG), num_images)
         if isinstance(boxes, (list, tuple)):
             boxes = torch.cat([b.reshape(-1, 4) for b in boxes]) if boxes else None
         image_features, state = self.encode_images(pixel_values)

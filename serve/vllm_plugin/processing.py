@@ -60,7 +60,8 @@ REGIONS_KWARG = "regions"
 """The ``mm_processor_kwargs`` key that carries a request's region boxes."""
 
 REGIONS_BEFORE_IMAGE_KWARG = "regions_before_image"
-"""Set by the processor (never by a request): how many of the boxes belong to ``<region>`` tokens before the image."""
+"""Set by the processor (never by a request): how many of the boxes belong to ``<region>`` tokens before the image;
+also the name of the per-image field that carries that count to the model."""
 
 
 class CLOCLlavaProcessingInfo(BaseProcessingInfo):
@@ -206,7 +207,7 @@ class CLOCLlavaMultiModalProcessor(BaseMultiModalProcessor[CLOCLlavaProcessingIn
                 "pixel_values": processed["pixel_values"],
                 "region_boxes": region_boxes,
                 "region_counts": counts,
-                "regions_before_image": before,
+                REGIONS_BEFORE_IMAGE_KWARG: before,
             }
         )
 
@@ -218,7 +219,7 @@ class CLOCLlavaMultiModalProcessor(BaseMultiModalProcessor[CLOCLlavaProcessingIn
             "pixel_values": MultiModalFieldConfig.batched("image"),
             "region_boxes": MultiModalFieldConfig.flat_from_sizes("image", counts),
             "region_counts": MultiModalFieldConfig.batched("image"),
-            "regions_before_image": MultiModalFieldConfig.batched("image"),
+            REGIONS_BEFORE_IMAGE_KWARG: MultiModalFieldConfig.batched("image"),
         }
 
     # ----- placeholders -------------------------------------------------------------------------------------------
