@@ -63,13 +63,15 @@ def png_data_uri(image: Image.Image) -> str:
 
 @dataclass
 class ChatCase:
-    """One chat request: an image, a user message that refers to regions as ``[regionK]``, and the regions."""
+    """One chat request: an image, a user message that refers to regions as ``[regionK]``, and the regions.
+    ``history`` holds earlier turns as ``(user message, its regions, assistant answer)`` (offline prompts only)."""
 
     name: str
     image_size: tuple[int, int]
     image_seed: int
     message: str
     regions: list[list[float]] = field(default_factory=list)
+    history: list[tuple[str, list[list[float]], str]] = field(default_factory=list)
 
     @property
     def image(self) -> Image.Image:
@@ -93,6 +95,8 @@ CASES = [
 
 def messages(case: ChatCase, with_image: bool = True) -> list[dict[str, Any]]:
     """The OpenAI chat ``messages`` of a case: one user turn, the image as a PNG data URI, then the text."""
+    if case.history:
+        raise ValueError(f"case {case.name}: messages() sends one user turn; this case has earlier turns")
     content: list[dict[str, Any]] = [{"type": "text", "text": case.message}]
     if with_image:
         content.insert(0, {"type": "image_url", "image_url": {"url": png_data_uri(case.image)}})

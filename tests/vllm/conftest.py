@@ -12,7 +12,7 @@ import pytest
 
 from bench.chat_servers import VLLM_MISSING_REASON, VLLM_PYTHON, Server, start_vllm_server, stop_server
 from bench.vllm_tiny import CASES, save_tiny_vllm_model
-from tests.vllm.tiny_vllm import reference_answers
+from tests.vllm.tiny_vllm import TWO_TURNS, reference_answers
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -42,7 +42,7 @@ def tiny_vllm_instruction_first_model(tmp_path_factory: pytest.TempPathFactory) 
     patches merged into each image token (``image_token_merge=2``)."""
     folder = tmp_path_factory.mktemp("tiny_vllm_if") / "tiny-cloc-llava-if"
     save_tiny_vllm_model(folder, seed=1, chat_template="instruction_first", image_token_merge=2)
-    return TinyModel(folder, reference_answers(folder, CASES))
+    return TinyModel(folder, reference_answers(folder, [*CASES, TWO_TURNS]))
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """vLLM's offline ``LLM.generate`` with the CLOC-LLaVA plugin: greedy tokens equal our ``generate`` (0, 1 and 3
 regions, one batch) for the Vicuna layout and for the synthetic-world recipe's (question before the image, 2 x 2
-merged image tokens), and bad region requests raise a clear ``ValueError``."""
+merged image tokens; also a two-turn prompt with regions before and after the image), and bad region requests raise
+a clear ``ValueError``."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ import subprocess
 from pathlib import Path
 
 from bench.chat_servers import REPO, VLLM_PYTHON, vllm_env
-from bench.vllm_tiny import CASES
+from bench.vllm_tiny import CASES, ChatCase
 from tests.vllm.conftest import TinyModel
-from tests.vllm.tiny_vllm import MAX_NEW_TOKENS
+from tests.vllm.tiny_vllm import MAX_NEW_TOKENS, TWO_TURNS
 
 
-def _run_offline(model: TinyModel, tmp_path: Path, bad: bool) -> dict:
-    """Our references' prompts (and, with ``bad``, two bad region requests) through ``offline_worker.py``."""
+def _run_offline(model: TinyModel, tmp_path: Path, bad: bool, cases: list[ChatCase] = CASES) -> dict:
+    """Our references' prompts of ``cases`` (and, with ``bad``, two bad region requests) through
+    ``offline_worker.py``."""
     requests = []
-    for case in CASES:
+    for case in cases:
         image = tmp_path / f"{case.name}.png"
         case.image.save(image)
         ref = model.references[case.name]
@@ -48,8 +50,8 @@ def _run_offline(model: TinyModel, tmp_path: Path, bad: bool) -> dict:
     return json.loads(out.read_text())
 
 
-def _assert_answers_equal(result: dict, refs: dict) -> None:
-    for case in CASES:
+def _assert_answers_equal(result: dict, refs: dict, cases: list[ChatCase] = CASES) -> None:
+    for case in cases:
         got, ref = result["answers"][case.name], refs[case.name]
         assert got["prompt_token_ids"] == ref["prompt_token_ids"], case.name  # <image> expanded, same tokens
         assert got["token_ids"] == ref["token_ids"], (case.name, got, ref)
@@ -69,8 +71,11 @@ def test_offline_instruction_first_merged_tokens(tiny_vllm_instruction_first_mod
     model = tiny_vllm_instruction_first_model
     prompt = model.references["no_region"]["prompt"]
     assert prompt.index("Where is the red circle?") < prompt.index("<image>")  # the recipe's layout
-    result = _run_offline(model, tmp_path, bad=False)
-    _assert_answers_equal(result, model.references)
+    cases = [*CASES, TWO_TURNS]
+    two_turns = model.references[TWO_TURNS.name]["prompt"]  # turn 1: region before the image; turn 2: after
+    assert two_turns.index("<region>") < two_turns.index("<image>") < two_turns.rindex("<region>")
+    result = _run_offline(model, tmp_path, bad=False, cases=cases)
+    _assert_answers_equal(result, model.references, cases)
     # 2 x 2 merge: a quarter of the image tokens of the unmerged tiny model (4 x 4 patches -> 4 tokens)
     image_token_id = json.loads((model.folder / "config.json").read_text())["image_token_id"]
     assert result["answers"]["no_region"]["prompt_token_ids"].count(image_token_id) == 4

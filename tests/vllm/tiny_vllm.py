@@ -11,6 +11,17 @@ from bench.vllm_tiny import ChatCase
 
 MAX_NEW_TOKENS = 16
 
+TWO_TURNS = ChatCase(
+    "two_turns",
+    (56, 40),
+    5,
+    "And what is [region0]?",
+    [[0.5, 0.4, 0.9, 0.95]],
+    history=[("What is [region0]?", [[0.1, 0.1, 0.45, 0.5]], "a red circle")],
+)
+"""A second turn with a region of its own: with the question before the image (``instruction_first``) the first
+turn's region comes before the image and this turn's after it."""
+
 
 def reference_answers(model_dir: Path, cases: list[ChatCase], max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
     """Our ``generate`` (greedy) for each case, with the prompt ``serve.engine.ChatEngine`` builds: per case the
@@ -24,7 +35,7 @@ def reference_answers(model_dir: Path, cases: list[ChatCase], max_new_tokens: in
     tokenizer = processor.tokenizer
     out = {}
     for case in cases:
-        prompt, boxes = engine.prompt([], case.message, case.regions)
+        prompt, boxes = engine.prompt(case.history, case.message, case.regions)
         inputs = processor(images=[case.image], text=[prompt], boxes=[boxes or None])
         with torch.no_grad():
             generated = model.generate(
