@@ -83,8 +83,8 @@ INSTRUCTION_FIRST_CHAT_TEMPLATE = _vicuna_template(None, image_after_text=True)
 """Vicuna v1 turns without a default system prompt, the image placed after the user's text
 (``USER: Where is the red circle?\\n<image> ASSISTANT: [...]</s>``): the causal LLM reads the question before the
 image tokens, so each image token can attend to the words that name what is asked. The synthetic-world recipe
-uses it (``mllm_tiny_stage1.yaml``; docs/benchmarks.md, fourth round); a model keeps its template, so evaluation
-and serving render prompts the way it was trained."""
+uses it (``mllm_tiny_stage1.yaml``; docs/benchmarks.md, fourth and sixth rounds); a model keeps its template, so
+evaluation and serving render prompts the way it was trained."""
 CHAT_TEMPLATES: dict[str, str] = {
     "vicuna_v1": VICUNA_V1_CHAT_TEMPLATE,
     "instruction_first": INSTRUCTION_FIRST_CHAT_TEMPLATE,

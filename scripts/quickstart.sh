@@ -2,10 +2,10 @@
 # The main job on the embedded default (no downloads beyond PyPI): set up, generate the synthetic world, pretrain a
 # tiny CLOC encoder on it, train a CLOC-LLaVA on that encoder in two stages, and print held-out grounding and
 # referring accuracy.
-#   bash scripts/quickstart.sh          # default run, about 12 minutes on 2 CPU cores
-#   bash scripts/quickstart.sh --long   # stage 2 four times longer (1600 steps): 24% held-out grounding instead
-#                                       # of 12% (docs/benchmarks.md, fourth round; stage 2 takes about four times
-#                                       # as long; after a default run it continues that run's stage 2 from step 400)
+#   bash scripts/quickstart.sh          # default run, about 15 minutes on 2 idle CPU cores (1600 stage-2 steps)
+#   bash scripts/quickstart.sh --long   # stage 2 twice as long (3200 steps); after a default run it continues that
+#                                       # run's stage 2 from step 1600 (about 11 more minutes)
+# Held-out grounding of each: README.md and docs/benchmarks.md ("sixth round").
 # Step counts can be set one by one: CLOC_STEPS=... STAGE1_STEPS=... STAGE2_STEPS=... bash scripts/quickstart.sh;
 # RUNS=DIR puts the world and the runs under DIR instead of runs/.
 # Re-running continues each stage from its last checkpoint; a stage whose input changed (a longer CLOC run, say)
@@ -21,9 +21,9 @@ for arg in "$@"; do
     esac
 done
 if [ "$LONG" = 1 ]; then
-    CLOC_STEPS=${CLOC_STEPS:-450} STAGE1_STEPS=${STAGE1_STEPS:-100} STAGE2_STEPS=${STAGE2_STEPS:-1600}
+    CLOC_STEPS=${CLOC_STEPS:-450} STAGE1_STEPS=${STAGE1_STEPS:-100} STAGE2_STEPS=${STAGE2_STEPS:-3200}
 else
-    CLOC_STEPS=${CLOC_STEPS:-450} STAGE1_STEPS=${STAGE1_STEPS:-100} STAGE2_STEPS=${STAGE2_STEPS:-400}
+    CLOC_STEPS=${CLOC_STEPS:-450} STAGE1_STEPS=${STAGE1_STEPS:-100} STAGE2_STEPS=${STAGE2_STEPS:-1600}
 fi
 PY=.venv/bin/python
 RUNS=${RUNS:-runs}
@@ -45,6 +45,9 @@ start_stage() {
     echo "$2" > "$1/inputs"
 }
 latest() { echo "$1/$(cat "$1/latest")"; }
+# The recipe's fingerprint: a run trained with other configs or conversations starts over instead of resuming.
+RECIPE=$(cat train/configs/mllm_tiny_stage1.yaml train/configs/mllm_tiny_stage2.yaml train/mllm/synthetic_data.py \
+    | sha256sum | cut -c1-16)
 
 bash scripts/setup.sh
 $PY -m cloc_encoder.data.synthetic --out "$WORLD" --train 2000 --val 200 --test 200
@@ -58,12 +61,12 @@ echo "== 2/4 MLLM stage 1: projectors ($STAGE1_STEPS steps)"
 # The MLLM's own training scenes (1-3 objects, 20,000 images, its own seed) and their conversations
 # (train/mllm/synthetic_data.py); the encoder world's test split stays held out.
 $PY -m train.mllm.synthetic_data --out "$MLLM_DATA"
-start_stage "$STAGE1" "$(latest "$CLOC")"
+start_stage "$STAGE1" "$(latest "$CLOC") recipe $RECIPE"
 $PY -m train.mllm_train --config train/configs/mllm_tiny_stage1.yaml $(resume_flag "$STAGE1") \
     train_data="$MLLM_DATA/train_conv.json" vision_tower="$CLOC" output_dir="$STAGE1" max_steps="$STAGE1_STEPS"
 
 echo "== 3/4 MLLM stage 2: LLM + projectors ($STAGE2_STEPS steps)"
-start_stage "$STAGE2" "$(latest "$CLOC") $(latest "$STAGE1")"
+start_stage "$STAGE2" "$(latest "$CLOC") $(latest "$STAGE1") recipe $RECIPE"
 $PY -m train.mllm_train --config train/configs/mllm_tiny_stage2.yaml $(resume_flag "$STAGE2") \
     train_data="$MLLM_DATA/train_conv.json" vision_tower="$CLOC" pretrain_mm_projector="$STAGE1/mm_projector.safetensors" \
     output_dir="$STAGE2" max_steps="$STAGE2_STEPS"

@@ -1,0 +1,155 @@
+"""Stage-2 training speed of the synthetic-world recipe's layouts, on its real conversations and tower.
+
+Each variant is a short stage-2 run of ``train.mllm_train`` (``mllm_tiny_stage2.yaml`` with overrides, a fresh
+projector, nothing saved) on the same machine, one after the other, over ``--rounds`` rounds so that a noisy
+machine hits every variant alike. Reported per variant: median seconds per optimizer step and questions trained per
+second (a conversation's assistant answers), and the ratio of questions/s to the first variant measured in the same
+run.
+
+    python -m bench.recipe_step --tower runs/cloc_tiny --data runs/world_mllm            # the layouts, fp32
+    python -m bench.recipe_step --tower runs/cloc_tiny --data runs/world_mllm --bf16     # and bf16 autocast
+
+``--data`` is a folder of ``train.mllm.synthetic_data`` (its ``train.jsonl`` scenes); the conversations of each
+layout are written under ``--out``. ``--bf16`` adds each layout under CPU bf16 autocast: fast only on CPUs with
+native bf16 matrix units (AMX / AVX512-BF16), much slower elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cloc_encoder.data.format import read_region_text
+from train.mllm.config import load_mllm_config
+from train.mllm.conversations import conversations_from_records, write_conversations
+from train.mllm.train import train_mllm
+
+STAGE2_CONFIG = "train/configs/mllm_tiny_stage2.yaml"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way of laying out the recipe's stage 2: its conversations (``max_turns``) and config overrides."""
+
+    name: str
+    max_turns: int
+    overrides: tuple[str, ...] = ()
+
+
+LAYOUTS = (
+    Layout(
+        "image first, all questions of an image per conversation, 64 image tokens, batch 32 (until session 21)",
+        0,
+        ("chat_template=vicuna_v1", "model_overrides.image_token_merge=1", "batch_size=32"),
+    ),
+    Layout(
+        "question first, one question per conversation, 64 image tokens, batch 48",
+        1,
+        ("chat_template=instruction_first", "model_overrides.image_token_merge=1", "batch_size=48"),
+    ),
+    Layout(
+        "question first, one question per conversation, 2 x 2 merged image tokens (16), batch 48 (shipped)",
+        1,
+        ("chat_template=instruction_first", "model_overrides.image_token_merge=2", "batch_size=48"),
+    ),
+)
+
+
+@dataclass
+class Timing:
+    """What the runs of one variant measured."""
+
+    name: str
+    questions_per_conversation: float
+    step_s: list[float] = field(default_factory=list)
+    questions_per_s: list[float] = field(default_factory=list)
+
+
+def _conversations(data: Path, out: Path, max_turns: int) -> tuple[Path, float]:
+    """The layout's conversation file under ``out`` and its mean answers per conversation."""
+    path = out / f"train_conv_turns{max_turns}.json"
+    samples = conversations_from_records(
+        read_region_text(data / "train.jsonl"), out_dir=data, tasks=("grounding", "referring"),
+        max_turns=max_turns, expression="random",
+    )  # fmt: skip
+    write_conversations(samples, path)
+    answers = [sum(turn["from"] == "gpt" for turn in sample["conversations"]) for sample in samples]
+    return path, statistics.mean(answers)
+
+
+def _time_variant(timing: Timing, config_overrides: list[str], steps: int, warmup: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="recipe_step_") as out:
+        config = load_mllm_config(
+            STAGE2_CONFIG,
+            [*config_overrides, f"output_dir={out}", f"max_steps={steps}", "log_every=1", f"save_every={steps}",
+             "progress_bar=false", "tensorboard=false", "keep_last=1"],
+        )  # fmt: skip
+        config.pretrain_mm_projector = None
+        result = train_mllm(config)
+    rows = [row for row in result.log_history if "samples_per_s" in row and row["step"] > warmup]
+    batch = config.batch_size
+    step_s = statistics.median(batch / row["samples_per_s"] for row in rows)
+    timing.step_s.append(step_s)
+    timing.questions_per_s.append(batch * timing.questions_per_conversation / step_s)
+
+
+def run(tower: Path, data: Path, out: Path, steps: int, rounds: int, bf16: bool) -> list[dict]:
+    """Time every layout (and its bf16 variant with ``bf16``); rows in :data:`LAYOUTS` order."""
+    out.mkdir(parents=True, exist_ok=True)
+    variants: list[tuple[Timing, list[str]]] = []
+    for layout in LAYOUTS:
+        path, per_conversation = _conversations(data, out, layout.max_turns)
+        common = [f"train_data={path}", f"image_folder={data}", f"vision_tower={tower}", *layout.overrides]
+        for precision in ("fp32", "bf16") if bf16 else ("fp32",):
+            name = f"{layout.name}, {precision}"
+            variants.append((Timing(name, per_conversation), [*common, f"precision={precision}"]))
+    for round_index in range(rounds):
+        for timing, overrides in variants:
+            start = time.perf_counter()
+            _time_variant(timing, overrides, steps, warmup=max(2, steps // 5))
+            print(f"round {round_index + 1}/{rounds} {timing.name}: {timing.step_s[-1]:.3f} s/step "
+                  f"({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)  # fmt: skip
+    baseline = statistics.median(variants[0][0].questions_per_s)
+    return [
+        {
+            "variant": timing.name,
+            "questions_per_conversation": round(timing.questions_per_conversation, 3),
+            "step_s": round(statistics.median(timing.step_s), 4),
+            "questions_per_s": round(statistics.median(timing.questions_per_s), 2),
+            "ratio_vs_first": round(statistics.median(timing.questions_per_s) / baseline, 3),
+            "rounds": rounds,
+        }
+        for timing, _ in variants
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.recipe_step", description=__doc__.split("\n")[0])
+    parser.add_argument("--tower", required=True, type=Path, help="CLOC tower folder (runs/cloc_tiny)")
+    parser.add_argument("--data", required=True, type=Path, help="train.mllm.synthetic_data folder (runs/world_mllm)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_recipe_step"))
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per timed run")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="also time each layout under bf16 autocast")
+    args = parser.parse_args(argv)
+    if args.steps < 5 or args.rounds < 1:
+        parser.error("--steps must be >= 5 and --rounds >= 1")
+    rows = run(args.tower, args.data, args.out, args.steps, args.rounds, args.bf16)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+    print("| variant | answers per conversation | s / step | questions / s | ratio |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        print(f"| {row['variant']} | {row['questions_per_conversation']:.2f} | {row['step_s']:.3f} | "
+              f"{row['questions_per_s']:.1f} | {row['ratio_vs_first']:.2f} |")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
