@@ -55,8 +55,13 @@ LAYOUTS = (
         ("chat_template=instruction_first", "model_overrides.image_token_merge=1", "batch_size=48"),
     ),
     Layout(
-        "question first, one question per conversation, 2 x 2 merged image tokens (16), batch 48 (shipped)",
+        "question first, one question per conversation, 2 x 2 merged image tokens (16), batch 48",
         1,
+        ("chat_template=instruction_first", "model_overrides.image_token_merge=2", "batch_size=48"),
+    ),
+    Layout(
+        "question first, up to two questions per conversation, 2 x 2 merged image tokens (16), batch 48 (shipped)",
+        2,
         ("chat_template=instruction_first", "model_overrides.image_token_merge=2", "batch_size=48"),
     ),
 )

@@ -11,11 +11,12 @@ The quickstart, the MLLM learning test and ``bench/mllm_cloc_vs_clip.py`` train 
   new scenes (the generator makes 20,000 in about 30 s).
 - **Held out**: the scenes come from their own seed's ``train`` stream (:data:`MLLM_WORLD` ``seed=1``), so none is
   an image of the encoder world's ``val``/``test`` splits (seed 0), which stay the held-out evaluation.
-- **Conversations** (:data:`CONVERSATION_OPTIONS`): grounding and referring, one question per conversation (with
-  the question before the image, each conversation's image tokens can attend to its one question; docs/benchmarks.md,
-  sixth round), in the project's wording. :data:`MIXED_WORDINGS` (``--wordings`` of
-  ``python -m train.mllm_conversations``) mixes in Ferret's, LLaVA-1.5's and lmms-eval's, with floats where they
-  ask for them; at this budget it costs grounding and, in two of three runs, referring (docs/benchmarks.md).
+- **Conversations** (:data:`CONVERSATION_OPTIONS`): grounding and referring, at most two questions of one task per
+  conversation (with the question before the image, the image tokens attend to the first question; a second turn
+  teaches follow-ups; docs/benchmarks.md, sixth round), in the project's wording. :data:`MIXED_WORDINGS`
+  (``--wordings`` of ``python -m train.mllm_conversations``) mixes in Ferret's, LLaVA-1.5's and lmms-eval's, with
+  floats where they ask for them; at this budget it costs grounding and, in two of three runs, referring
+  (docs/benchmarks.md).
 
     python -m train.mllm.synthetic_data --out runs/world_mllm      # world + runs/world_mllm/train_conv.json
 """
@@ -40,7 +41,7 @@ MLLM_TRAIN_IMAGES = 20_000
 CONVERSATIONS_FILE = "train_conv.json"
 CONVERSATION_OPTIONS: dict[str, Any] = {
     "tasks": ("grounding", "referring"),
-    "max_turns": 1,
+    "max_turns": 2,
     "expression": "random",
     "wordings": (DEFAULT_WORDING,),
 }
