@@ -29,6 +29,7 @@ from pathlib import Path
 from cloc_encoder.data.format import read_region_text
 from train.mllm.config import load_mllm_config
 from train.mllm.conversations import conversations_from_records, write_conversations
+from train.mllm.synthetic_data import CONVERSATION_OPTIONS
 from train.mllm.train import train_mllm
 
 STAGE2_CONFIG = "train/configs/mllm_tiny_stage2.yaml"
@@ -36,35 +37,34 @@ STAGE2_CONFIG = "train/configs/mllm_tiny_stage2.yaml"
 
 @dataclass(frozen=True)
 class Layout:
-    """One way of laying out the recipe's stage 2: its conversations (``max_turns``) and config overrides."""
+    """One way of laying out the recipe's stage 2: questions per conversation (``max_turns``, 0 = all of a task), the
+    chat template, patches merged per image token side, and the batch size."""
 
     name: str
     max_turns: int
-    overrides: tuple[str, ...] = ()
+    chat_template: str
+    image_token_merge: int
+    batch_size: int
+
+    @property
+    def overrides(self) -> list[str]:
+        """The layout as ``train.mllm_train`` overrides."""
+        return [
+            f"chat_template={self.chat_template}",
+            f"model_overrides.image_token_merge={self.image_token_merge}",
+            f"batch_size={self.batch_size}",
+        ]
 
 
 LAYOUTS = (
-    Layout(
-        "image first, all questions of an image per conversation, 64 image tokens, batch 32 (until session 21)",
-        0,
-        ("chat_template=vicuna_v1", "model_overrides.image_token_merge=1", "batch_size=32"),
-    ),
-    Layout(
-        "question first, one question per conversation, 64 image tokens, batch 48",
-        1,
-        ("chat_template=instruction_first", "model_overrides.image_token_merge=1", "batch_size=48"),
-    ),
-    Layout(
-        "question first, one question per conversation, 2 x 2 merged image tokens (16), batch 48",
-        1,
-        ("chat_template=instruction_first", "model_overrides.image_token_merge=2", "batch_size=48"),
-    ),
-    Layout(
-        "question first, up to two questions per conversation, 2 x 2 merged image tokens (16), batch 48 (shipped)",
-        2,
-        ("chat_template=instruction_first", "model_overrides.image_token_merge=2", "batch_size=48"),
-    ),
-)
+    Layout("image first, all questions of an image per conversation, 64 image tokens, batch 32 (until session 21)",
+           0, "vicuna_v1", 1, 32),
+    Layout("question first, one question per conversation, 64 image tokens, batch 48", 1, "instruction_first", 1, 48),
+    Layout("question first, one question per conversation, 2 x 2 merged image tokens (16), batch 48",
+           1, "instruction_first", 2, 48),
+    Layout("question first, up to two questions per conversation, 2 x 2 merged image tokens (16), batch 48 (shipped)",
+           2, "instruction_first", 2, 48),
+)  # fmt: skip
 
 
 @dataclass
@@ -80,10 +80,8 @@ class Timing:
 def _conversations(data: Path, out: Path, max_turns: int) -> tuple[Path, float]:
     """The layout's conversation file under ``out`` and its mean answers per conversation."""
     path = out / f"train_conv_turns{max_turns}.json"
-    samples = conversations_from_records(
-        read_region_text(data / "train.jsonl"), out_dir=data, tasks=("grounding", "referring"),
-        max_turns=max_turns, expression="random",
-    )  # fmt: skip
+    options = {**CONVERSATION_OPTIONS, "max_turns": max_turns}  # the recipe's conversations but for the layout
+    samples = conversations_from_records(read_region_text(data / "train.jsonl"), out_dir=data, **options)
     write_conversations(samples, path)
     answers = [sum(turn["from"] == "gpt" for turn in sample["conversations"]) for sample in samples]
     return path, statistics.mean(answers)
