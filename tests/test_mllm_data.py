@@ -24,6 +24,7 @@ from train.mllm.conversations import (
     conversations_from_record,
     main,
     parse_conversation,
+    parse_wordings,
     read_conversations,
 )
 from train.mllm.data import (
@@ -213,6 +214,48 @@ def test_conversations_mix_wordings_with_their_codecs(world):
         conversations_from_record(records[0], wordings=["shikra"])
 
 
+def test_mixed_task_conversations_and_per_task_wordings(world):
+    records = [r for r in read_region_text(world / "train.jsonl") if len(r.regions) >= 2][:30]
+    options = dict(tasks=["grounding", "referring"], max_turns=2, seed=4)
+    wordings = {"grounding": ["default", "lmms_eval"], "referring": ["default"]}
+
+    def convert(**more):
+        return [s for r in records for s in conversations_from_record(r, wordings=wordings, **options, **more)]
+
+    mixed, separate = convert(mix_tasks=True), convert()
+
+    # the same questions, cut into conversations differently
+    def questions(samples):
+        return sorted(t["value"].removeprefix("<image>\n") for s in samples for t in s["conversations"][::2])
+
+    assert questions(mixed) == questions(separate)
+    assert {s["task"] for s in separate} == {"grounding", "referring"}
+    assert "grounding+referring" in {s["task"] for s in mixed}  # some conversation asks both
+    for sample in mixed:
+        record = parse_conversation(sample)  # valid: <image> in the first turn, one box per <region>
+        asks = {"referring" if "<region>" in text else "grounding" for role, text in record.turns if role == "user"}
+        assert sample["task"] == "+".join(t for t in ("grounding", "referring") if t in asks)
+    # referring is asked in our words only; grounding in both, lmms-eval's with float boxes
+    referring = [t["value"] for s in mixed for t in s["conversations"][::2] if "<region>" in t["value"]]
+    assert referring and all(q.removeprefix("<image>\n").startswith("What is [") for q in referring)
+    lmms = [
+        (q["value"], a["value"])
+        for s in mixed
+        for q, a in zip(s["conversations"][::2], s["conversations"][1::2], strict=True)
+        if LMMS_EVAL_REC_PREAMBLE in q["value"]
+    ]
+    assert lmms and all("." in answer for _, answer in lmms)
+    assert mixed == convert(mix_tasks=True)  # deterministic
+    with pytest.raises(ValueError, match="unknown task"):
+        conversations_from_record(records[0], wordings={"detection": ["default"]})
+    with pytest.raises(ValueError, match="for referring"):
+        conversations_from_record(records[0], tasks=["referring"], wordings={"referring": ["shikra"]})
+    assert parse_wordings(["default,ferret"]) == ["default", "ferret"]
+    assert parse_wordings(["grounding=default,lmms_eval", "referring=default"]) == wordings
+    with pytest.raises(ValueError, match="either one list"):
+        parse_wordings(["default", "grounding=ferret"])
+
+
 def test_converter_cli_round_trip(world, tmp_path):
     out = tmp_path / "conv" / "train.json"
     assert main(["--data", str(world / "train.jsonl"), "--out", str(out), "--tasks", "grounding,referring"]) == 0
@@ -220,6 +263,11 @@ def test_converter_cli_round_trip(world, tmp_path):
     assert records and all(r.image_path.is_file() for r in records)  # relative to the output file's folder
     assert {r.extra["task"] for r in records} == {"grounding", "referring"}
     assert main(["--data", str(world / "train.jsonl"), "--out", str(tmp_path / "x.json"), "--tasks", "nope"]) == 2
+    mixed = tmp_path / "mixed.json"
+    args = ["--data", str(world / "train.jsonl"), "--tasks", "grounding,referring", "--max-turns", "2", "--mix-tasks"]
+    assert main([*args, "--out", str(mixed), "--wordings", "grounding=default,lmms_eval"]) == 0
+    assert "grounding+referring" in {r.extra["task"] for r in read_conversations(mixed)}
+    assert main([*args, "--out", str(mixed), "--wordings", "default", "--wordings", "grounding=ferret"]) == 2
     assert main(["--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x.json")]) == 2
 
 

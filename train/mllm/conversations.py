@@ -35,8 +35,8 @@ Converters (:func:`conversations_from_records`, command line below) turn region-
 Command line::
 
     python -m train.mllm_conversations --data runs/world/train.jsonl --out runs/world/train_conv.json \\
-        --tasks grounding,referring,caption [--codec int999] [--max-turns 1] [--expression random] [--seed 0] \\
-        [--wordings default,ferret,llava,lmms_eval]
+        --tasks grounding,referring,caption [--codec int999] [--max-turns 1] [--mix-tasks] [--expression random] \\
+        [--seed 0] [--wordings default,ferret,llava,lmms_eval | --wordings grounding=default,lmms_eval ...]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import re
 import sys
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,7 +300,8 @@ def write_conversations(samples: Iterable[dict[str, Any] | ConversationRecord], 
 
 @dataclass
 class ConversionReport:
-    """Counts of a conversion: conversations and turns per task, regions left out and why."""
+    """Counts of a conversion: conversations per ``task`` field (``"grounding+referring"`` for a mixed one), turns
+    per task, regions left out and why."""
 
     records: int = 0
     conversations: Counter = field(default_factory=Counter)
@@ -308,9 +309,13 @@ class ConversionReport:
     left_out: Counter = field(default_factory=Counter)
 
     def summary(self) -> str:
-        tasks = ", ".join(f"{task}: {self.conversations[task]} ({self.turns[task]} turns)" for task in self.turns)
+        kinds = ", ".join(f"{kind}: {n}" for kind, n in self.conversations.items())
+        turns = ", ".join(f"{task}: {n}" for task, n in self.turns.items())
         left = ", ".join(f"{n} {why}" for why, n in sorted(self.left_out.items())) or "none"
-        return f"{self.records} records → {sum(self.conversations.values())} conversations [{tasks}]; left out: {left}"
+        return (
+            f"{self.records} records → {sum(self.conversations.values())} conversations [{kinds}], turns [{turns}]; "
+            f"left out: {left}"
+        )
 
 
 def _rng(seed: int, record_id: str, task: str) -> np.random.Generator:
@@ -365,14 +370,33 @@ def _turns_for(
     return turns
 
 
+def _wordings_by_task(
+    wordings: Sequence[str] | Mapping[str, Sequence[str]], tasks: Sequence[str]
+) -> dict[str, tuple[str, ...]]:
+    """``wordings`` as one list of names per task (a plain list applies to every task), checked."""
+    if isinstance(wordings, Mapping):
+        extra = [task for task in wordings if task not in TASKS]
+        if extra:
+            raise ValueError(f"wordings given for unknown task(s) {extra}; choose from {list(TASKS)}")
+        by_task = {task: tuple(wordings.get(task, (DEFAULT_WORDING,))) for task in tasks}
+    else:
+        by_task = {task: tuple(wordings) for task in tasks}
+    for task, names in by_task.items():
+        unknown = [w for w in names if w not in WORDINGS]
+        if unknown or not names:
+            raise ValueError(f"unknown or no wording(s) {list(names)} for {task}; choose from {sorted(WORDINGS)}")
+    return by_task
+
+
 def conversations_from_record(
     record: RegionTextRecord,
     *,
     tasks: Sequence[str] = TASKS,
     codec: str = DEFAULT_BOX_CODEC,
     max_turns: int = 1,
+    mix_tasks: bool = False,
     expression: str = "random",
-    wordings: Sequence[str] = (DEFAULT_WORDING,),
+    wordings: Sequence[str] | Mapping[str, Sequence[str]] = (DEFAULT_WORDING,),
     seed: int = 0,
     image: str | None = None,
     report: ConversionReport | None = None,
@@ -380,15 +404,20 @@ def conversations_from_record(
     """Conversations (JSON-ready dicts) of one region-text record.
 
     Args:
-        tasks: any of ``grounding``, ``referring``, ``caption``; one task per conversation.
+        tasks: any of ``grounding``, ``referring``, ``caption``.
         codec: box codec name; must equal the model's ``config.box_codec``.
         max_turns: question/answer pairs per conversation; 0 = all in one. With one pair per conversation they
             follow the record's region order, with more the turns are shuffled (seeded by ``seed`` and the record).
+        mix_tasks: ``False``: one task per conversation; ``True``: the turns of all ``tasks`` are shuffled together
+            before they are cut into conversations, so that one conversation may ask a referring question and then
+            a grounding one (the demo's flow). The ``task`` field of a mixed conversation lists its tasks joined by
+            ``+`` (``"grounding+referring"``), in :data:`TASKS` order.
         expression: grounding text per region: ``"random"`` (one, drawn from ``(seed, record id)``), ``"first"``,
             or ``"all"`` (one turn each).
-        wordings: names in :data:`mllm.prompts.WORDINGS`; each turn is asked in one of them, drawn uniformly from
-            the list by ``(seed, record id, task)`` (a name listed twice is drawn twice as often; ``("default",)``:
-            "Where is ...?" / "What is ...?" only).
+        wordings: names in :data:`mllm.prompts.WORDINGS`, or a mapping from task to names (a task it leaves out is
+            asked in the default wording); each turn is asked in one of its task's names, drawn uniformly by
+            ``(seed, record id, task)`` (a name listed twice is drawn twice as often; ``("default",)``: "Where is
+            ...?" / "What is ...?" only).
         image: the image path to write (default: the record's ``image`` as it is).
     """
     report = report if report is not None else ConversionReport()
@@ -399,37 +428,43 @@ def conversations_from_record(
         raise ValueError(f"expression={expression!r}; expected 'random', 'first' or 'all'")
     if max_turns < 0:
         raise ValueError(f"max_turns must be >= 0, got {max_turns}")
-    unknown = [w for w in wordings if w not in WORDINGS]
-    if unknown or not wordings:
-        raise ValueError(f"unknown or no wording(s) {list(wordings)}; choose from {sorted(WORDINGS)}")
-    samples = []
+    wordings_by_task = _wordings_by_task(wordings, tasks)
+    groups: list[tuple[str, list[tuple[str, str, str, list[list[float]]]]]] = []
     for task in tasks:
-        turns = _turns_for(record, task, codec, expression, wordings, seed, report)
+        turns = _turns_for(record, task, codec, expression, wordings_by_task[task], seed, report)
+        groups.append((task, [(task, *turn) for turn in turns]))
+    if mix_tasks:
+        groups = [("mixed", [turn for _, turns in groups for turn in turns])]
+    samples = []
+    for name, turns in groups:
         if max_turns != 1 and len(turns) > 1:
             # Several turns per conversation: ask in a seeded random order, so that a turn's position (the first
             # question is the one evaluation asks) says nothing about which region it is about.
-            order = _rng(seed, record.id, f"{task}-order").permutation(len(turns))
+            order = _rng(seed, record.id, f"{name}-order").permutation(len(turns))
             turns = [turns[i] for i in order]
         size = max_turns or max(len(turns), 1)
         for number, start in enumerate(range(0, len(turns), size)):
             chunk = turns[start : start + size]
             conversation, boxes = [], []
-            for position, (question, answer, question_boxes) in enumerate(chunk):
+            for position, (_, question, answer, question_boxes) in enumerate(chunk):
                 prefix = f"{IMAGE_TOKEN}\n" if position == 0 else ""
                 conversation.append({"from": "human", "value": prefix + question})
                 conversation.append({"from": "gpt", "value": answer})
                 boxes.extend(question_boxes)
+            chunk_tasks = {task for task, *_ in chunk}
+            task_field = "+".join(task for task in TASKS if task in chunk_tasks)
             sample: dict[str, Any] = {
-                "id": f"{record.id}-{task}-{number}",
+                "id": f"{record.id}-{name}-{number}",
                 "image": image if image is not None else record.image,
                 "conversations": conversation,
             }
             if boxes:
                 sample["boxes"] = [[round(v, 6) for v in box] for box in boxes]
-            sample.update(task=task, width=record.width, height=record.height)
+            sample.update(task=task_field, width=record.width, height=record.height)
             samples.append(sample)
-            report.conversations[task] += 1
-            report.turns[task] += len(chunk)
+            report.conversations[task_field] += 1
+            for task in chunk_tasks:
+                report.turns[task] += sum(1 for turn in chunk if turn[0] == task)
     return samples
 
 
@@ -461,6 +496,25 @@ def conversations_from_records(
     return samples
 
 
+def parse_wordings(values: Sequence[str]) -> list[str] | dict[str, list[str]]:
+    """``--wordings`` values: ``["default,ferret"]`` → one list for every task; ``["grounding=default,lmms_eval",
+    "referring=default"]`` → names per task. Mixing the two forms is a ``ValueError``."""
+
+    def names(text: str) -> list[str]:
+        return [w.strip() for w in text.split(",") if w.strip()]
+
+    per_task = ["=" in value for value in values]
+    if not any(per_task):
+        return [name for value in values for name in names(value)]
+    if not all(per_task):
+        raise ValueError(f"--wordings {list(values)}: give either one list for all tasks or TASK=NAMES for each")
+    by_task: dict[str, list[str]] = {}
+    for value in values:
+        task, _, rest = value.partition("=")
+        by_task.setdefault(task.strip(), []).extend(names(rest))
+    return by_task
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line (see the module docstring). Exit status 0 on success, 1 when nothing was converted, 2 on a
     missing input."""
@@ -473,11 +527,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated: grounding,referring,caption")
     parser.add_argument("--codec", default=DEFAULT_BOX_CODEC, help="box codec of the model (int999 or float)")
     parser.add_argument("--max-turns", type=int, default=1, help="question/answer pairs per conversation (0: all)")
+    parser.add_argument("--mix-tasks", action="store_true", help="let one conversation ask questions of several tasks")
     parser.add_argument("--expression", choices=("random", "first", "all"), default="random")
     parser.add_argument(
         "--wordings",
-        default=DEFAULT_WORDING,
-        help=f"comma-separated question wordings, one drawn per turn: {','.join(WORDINGS)} (default: default)",
+        action="append",
+        help=f"comma-separated question wordings, one drawn per turn: {','.join(WORDINGS)} (default: default); "
+        "TASK=NAMES (repeatable) sets one task's, e.g. --wordings grounding=default,lmms_eval",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-paths", choices=("relative", "absolute"), default="relative")
@@ -497,8 +553,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
             codec=get_box_codec(args.codec).name,
             max_turns=args.max_turns,
+            mix_tasks=args.mix_tasks,
             expression=args.expression,
-            wordings=[w.strip() for w in args.wordings.split(",") if w.strip()],
+            wordings=parse_wordings(args.wordings or [DEFAULT_WORDING]),
             seed=args.seed,
         )
     except ValueError as error:
@@ -523,6 +580,7 @@ __all__ = [
     "conversations_from_records",
     "main",
     "parse_conversation",
+    "parse_wordings",
     "read_conversations",
     "write_conversations",
 ]
