@@ -65,6 +65,21 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 matrix products in hardware: a CUDA GPU that supports bf16, or a CPU with AMX
+    or AVX512-BF16 units (torch's own CPU feature checks). Elsewhere bf16 autocast is emulated, slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(torch.cpu, name, _unsupported)() for name in checks)
+    return False
+
+
+def _unsupported() -> bool:
+    return False
+
+
 def free_port() -> int:
     """An unused TCP port on 127.0.0.1 (for single-process DeepSpeed and tests)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -141,6 +141,32 @@ def test_shipped_configs_validation_and_deepspeed_files(tmp_path):
 # ----- stage 1 -------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("precision", "device", "cpu_units", "gpu_bf16", "expected"),
+    [
+        ("fp32", "cpu", True, False, "fp32"),
+        ("bf16", "cpu", False, False, "bf16"),  # asked for: emulated where the CPU has no bf16 units
+        ("auto", "cpu", True, False, "fp32"),  # auto keeps CPUs in fp32
+        ("bf16_if_native", "cpu", True, False, "bf16"),
+        ("bf16_if_native", "cpu", False, False, "fp32"),
+        ("auto", "cuda", False, True, "bf16"),
+        ("auto", "cuda", False, False, "fp32"),
+        ("bf16_if_native", "cuda", False, True, "bf16"),
+        ("bf16_if_native", "cuda", False, False, "fp32"),
+    ],
+)
+def test_precision_selection(monkeypatch, precision, device, cpu_units, gpu_bf16, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: cpu_units, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: gpu_bf16)
+    config = MLLMTrainConfig(train_data="x", precision=precision, device=device)
+    assert config.resolved_precision() == expected
+    # the tiny recipe asks for bf16 where the hardware has it
+    tiny = load_mllm_config(REPO / "train/configs/mllm_tiny_stage2.yaml", [f"device={device}"])
+    assert tiny.resolved_precision() == ("bf16" if (cpu_units if device == "cpu" else gpu_bf16) else "fp32")
+
+
 def test_stage1_changes_only_the_projectors_and_writes_them(stage1, data):
     assert stage1.step == 3 and stage1.stage == 1
     assert stage1.trainable_parameters["vision"] == 0 and stage1.trainable_parameters["llm"] == 0

@@ -112,6 +112,7 @@ def _zero3_auto_values(hidden: int) -> dict[str, Any]:
 def _build_run(config: MLLMTrainConfig, context: Any) -> tuple[MLLMRun, Path | None, ConversationDataset | None, Any]:
     manager, resume = open_output_dir(config, context)
     precision = config.resolved_precision()
+    logger.info("precision: %s (precision=%s on %s)", precision, config.precision, context.device)
     records = _load_records(config, config.train_data, "train")
     tokenizer = build_tokenizer(config, records, context, resume)
     factory = functools.partial(build_processor, config, tokenizer=tokenizer)
