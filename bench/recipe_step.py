@@ -38,13 +38,15 @@ STAGE2_CONFIG = "train/configs/mllm_tiny_stage2.yaml"
 @dataclass(frozen=True)
 class Layout:
     """One way of laying out the recipe's stage 2: questions per conversation (``max_turns``, 0 = all of a task), the
-    chat template, patches merged per image token side, and the batch size."""
+    chat template, patches merged per image token side, the batch size, and whether a conversation may ask questions
+    of both tasks (``mix_tasks``)."""
 
     name: str
     max_turns: int
     chat_template: str
     image_token_merge: int
     batch_size: int
+    mix_tasks: bool = False
 
     @property
     def overrides(self) -> list[str]:
@@ -62,8 +64,10 @@ LAYOUTS = (
     Layout("question first, one question per conversation, 64 image tokens, batch 48", 1, "instruction_first", 1, 48),
     Layout("question first, one question per conversation, 2 x 2 merged image tokens (16), batch 48",
            1, "instruction_first", 2, 48),
-    Layout("question first, up to two questions per conversation, 2 x 2 merged image tokens (16), batch 48 (shipped)",
-           2, "instruction_first", 2, 48),
+    Layout("question first, up to two questions of one task per conversation, 2 x 2 merged image tokens (16), "
+           "batch 48 (session 21)", 2, "instruction_first", 2, 48),
+    Layout("question first, up to two questions of either task per conversation, 2 x 2 merged image tokens (16), "
+           "batch 48 (shipped)", 2, "instruction_first", 2, 48, mix_tasks=True),
 )  # fmt: skip
 
 
@@ -77,10 +81,11 @@ class Timing:
     questions_per_s: list[float] = field(default_factory=list)
 
 
-def _conversations(data: Path, out: Path, max_turns: int) -> tuple[Path, float]:
+def _conversations(data: Path, out: Path, layout: Layout) -> tuple[Path, float]:
     """The layout's conversation file under ``out`` and its mean answers per conversation."""
-    path = out / f"train_conv_turns{max_turns}.json"
-    options = {**CONVERSATION_OPTIONS, "max_turns": max_turns}  # the recipe's conversations but for the layout
+    path = out / f"train_conv_turns{layout.max_turns}{'_mixed' if layout.mix_tasks else ''}.json"
+    # the recipe's conversations (its wordings) but for the layout
+    options = {**CONVERSATION_OPTIONS, "max_turns": layout.max_turns, "mix_tasks": layout.mix_tasks}
     samples = conversations_from_records(read_region_text(data / "train.jsonl"), out_dir=data, **options)
     write_conversations(samples, path)
     answers = [sum(turn["from"] == "gpt" for turn in sample["conversations"]) for sample in samples]
@@ -108,7 +113,7 @@ def run(tower: Path, data: Path, out: Path, steps: int, rounds: int, bf16: bool)
     out.mkdir(parents=True, exist_ok=True)
     variants: list[tuple[Timing, list[str]]] = []
     for layout in LAYOUTS:
-        path, per_conversation = _conversations(data, out, layout.max_turns)
+        path, per_conversation = _conversations(data, out, layout)
         common = [f"train_data={path}", f"image_folder={data}", f"vision_tower={tower}", *layout.overrides]
         for precision in ("fp32", "bf16") if bf16 else ("fp32",):
             name = f"{layout.name}, {precision}"

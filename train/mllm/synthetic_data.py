@@ -11,12 +11,13 @@ The quickstart, the MLLM learning test and ``bench/mllm_cloc_vs_clip.py`` train 
   new scenes (the generator makes 20,000 in about 30 s).
 - **Held out**: the scenes come from their own seed's ``train`` stream (:data:`MLLM_WORLD` ``seed=1``), so none is
   an image of the encoder world's ``val``/``test`` splits (seed 0), which stay the held-out evaluation.
-- **Conversations** (:data:`CONVERSATION_OPTIONS`): grounding and referring, at most two questions of one task per
-  conversation (with the question before the image, the image tokens attend to the first question; a second turn
-  teaches follow-ups; docs/benchmarks.md, sixth round), in the project's wording. :data:`MIXED_WORDINGS`
-  (``--wordings`` of ``python -m train.mllm_conversations``) mixes in Ferret's, LLaVA-1.5's and lmms-eval's, with
-  floats where they ask for them; at this budget it costs grounding and, in two of three runs, referring
-  (docs/benchmarks.md).
+- **Conversations** (:data:`CONVERSATION_OPTIONS`): grounding and referring questions, at most two per
+  conversation, of either task in either order (with the question before the image, the image tokens attend to the
+  first question; a second turn teaches follow-ups, such as the demo's "Where is ...?" after "What is
+  [region0]?"; docs/benchmarks.md, sixth and seventh rounds). Grounding is asked half in the project's words and a
+  sixth each in Ferret's, LLaVA-1.5's and lmms-eval's (:data:`GROUNDING_WORDINGS`), referring half in ours and a
+  quarter each in Ferret's and LLaVA-1.5's (:data:`REFERRING_WORDINGS`), with floats where a prompt asks for them,
+  so that other harnesses' prompts get a box (lmms-eval's CLI, docs/benchmarks.md).
 
     python -m train.mllm.synthetic_data --out runs/world_mllm      # world + runs/world_mllm/train_conv.json
 """
@@ -32,24 +33,25 @@ from typing import Any
 
 from cloc_encoder.data.format import read_region_text
 from cloc_encoder.data.synthetic import SyntheticWorldConfig, generate_world
-from mllm.prompts import DEFAULT_WORDING, WORDINGS
+from mllm.prompts import DEFAULT_WORDING
 from train.mllm.conversations import ConversionReport, conversations_from_records, write_conversations
 
 MLLM_WORLD = SyntheticWorldConfig(min_objects=1, max_objects=3, seed=1)
 """Scenes of the MLLM training data: 1–3 objects (the encoder world: 2–3), their own seed."""
 MLLM_TRAIN_IMAGES = 20_000
 CONVERSATIONS_FILE = "train_conv.json"
+GROUNDING_WORDINGS = (DEFAULT_WORDING,) * 3 + ("ferret", "llava", "lmms_eval")
+"""Grounding questions: half ours, a sixth each of Ferret's, LLaVA-1.5's and lmms-eval's (floats for the last two)."""
+REFERRING_WORDINGS = (DEFAULT_WORDING,) * 2 + ("ferret", "llava")
+"""Referring questions: half ours, a quarter each of Ferret's and LLaVA-1.5's (lmms-eval's is LLaVA-1.5's)."""
 CONVERSATION_OPTIONS: dict[str, Any] = {
     "tasks": ("grounding", "referring"),
     "max_turns": 2,
+    "mix_tasks": True,
     "expression": "random",
-    "wordings": (DEFAULT_WORDING,),
+    "wordings": {"grounding": GROUNDING_WORDINGS, "referring": REFERRING_WORDINGS},
 }
 """Options of :func:`train.mllm.conversations.conversations_from_records` for the recipe."""
-MIXED_WORDINGS = (DEFAULT_WORDING,) * 3 + tuple(w for w in WORDINGS if w != DEFAULT_WORDING)
-"""Half ours, a sixth each of Ferret's, LLaVA-1.5's and lmms-eval's: ``--wordings`` of a model that must answer
-other harnesses' prompts. Not the default yet: in two of three runs it stopped the tiny model naming circles
-(referring 44-45% instead of 85%; docs/benchmarks.md)."""
 
 
 def build_training_data(
@@ -91,8 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 __all__ = [
     "CONVERSATIONS_FILE",
     "CONVERSATION_OPTIONS",
+    "GROUNDING_WORDINGS",
     "MLLM_TRAIN_IMAGES",
     "MLLM_WORLD",
+    "REFERRING_WORDINGS",
     "build_training_data",
     "main",
 ]
