@@ -2,10 +2,11 @@
 # The main job on the embedded default (no downloads beyond PyPI): set up, generate the synthetic world, pretrain a
 # tiny CLOC encoder on it, train a CLOC-LLaVA on that encoder in two stages, and print held-out grounding and
 # referring accuracy.
-#   bash scripts/quickstart.sh          # default run, about 17 minutes on 2 idle CPU cores (1600 stage-2 steps)
+#   bash scripts/quickstart.sh          # default run, about 30 minutes on this project's 2-core machine (1600
+#                                       # stage-2 steps at ~0.8 s each in bf16 on a CPU with bf16 units)
 #   bash scripts/quickstart.sh --long   # stage 2 twice as long (3200 steps); after a default run it continues that
-#                                       # run's stage 2 from step 1600 (about 12 more minutes)
-# Held-out grounding of each: README.md and docs/benchmarks.md ("sixth round").
+#                                       # run's stage 2 from step 1600 (about 22 more minutes)
+# Held-out grounding: README.md and docs/benchmarks.md ("seventh round"; --long: "sixth round", an earlier recipe).
 # Step counts can be set one by one: CLOC_STEPS=... STAGE1_STEPS=... STAGE2_STEPS=... bash scripts/quickstart.sh;
 # RUNS=DIR puts the world and the runs under DIR instead of runs/.
 # Re-running continues each stage from its last checkpoint; a stage whose input changed (a longer CLOC run, say)
