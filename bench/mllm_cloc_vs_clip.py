@@ -119,7 +119,7 @@ def write_data(args: argparse.Namespace) -> Data:
 def evaluate_arm(stage2: Any, train: Sequence[RegionTextRecord], test: Sequence[RegionTextRecord], out: Path) -> dict:
     """Grounding and referring on every test image (``python -m eval regions``): the bench's metrics."""
     metrics = evaluate_regions(
-        stage2.model.eval(),
+        stage2.inference_model(),
         stage2.processor,
         test,
         out,

@@ -47,7 +47,7 @@ def test_tiny_cloc_llava_learns_to_ground_and_refer(pretrained_cloc, tmp_path):
     assert (stage1.step, stage2.step) == (STAGE1_STEPS, STAGE2_STEPS)
 
     metrics = evaluate_regions(
-        stage2.model.eval(),
+        stage2.inference_model(),
         stage2.processor,
         read_region_text(world / "test.jsonl"),
         tmp_path / "eval",

@@ -401,6 +401,16 @@ def test_bf16_keeps_frozen_weights_in_bf16_and_trained_ones_in_fp32(data, tmp_pa
     assert math.isfinite(result.metrics["loss"])
     for name, parameter in result.model.named_parameters():
         assert parameter.dtype == (torch.float32 if name.startswith(PROJECTOR_PREFIXES) else torch.bfloat16), name
+    # for evaluation the in-memory model is the checkpoint loaded in fp32 (no autocast needed)
+    result = train_mllm(_config(data, tmp_path / "bf16_stage2", stage=2, max_steps=2, precision="bf16"))
+    assert result.precision == "bf16"
+    model = result.inference_model()
+    assert not model.training and all(p.dtype == torch.float32 for p in model.parameters())
+    loaded = CLOCLlavaForConditionalGeneration.from_pretrained(result.checkpoint, dtype=torch.float32).eval()
+    inputs = _inputs(CLOCLlavaProcessor.from_pretrained(result.checkpoint))
+    with torch.no_grad():
+        difference = (model(**inputs).logits - loaded(**inputs).logits).abs().max().item()
+    assert difference < 1e-4, difference  # two instances: kernels may sum in another order
 
 
 def test_model_from_cloc_encoder_and_llm_folders_and_from_model_path(

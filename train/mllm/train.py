@@ -86,8 +86,19 @@ class MLLMTrainResult:
     """Invalid samples skipped (label mask, processor; see ``max_invalid_fraction``)."""
     log_history: list[dict[str, Any]] = field(default_factory=list)
     model: Any = field(default=None, repr=False)
-    """The trained model (a PEFT model with LoRA); under ZeRO-3 its weights are partitioned — load a checkpoint."""
+    """The trained model (a PEFT model with LoRA); under ZeRO-3 its weights are partitioned — load a checkpoint.
+    After a bf16 run without DeepSpeed its frozen parts are bf16 and its trained ones fp32 (the step ran under
+    autocast): use :meth:`inference_model` to evaluate or generate with it."""
     processor: Any = field(default=None, repr=False)
+    precision: str = "fp32"
+    """The precision the run trained in (``"bf16"`` or ``"fp32"``, after ``bf16_if_native``/``auto``)."""
+
+    def inference_model(self) -> Any:
+        """:attr:`model` in eval mode with every weight in fp32 (cast in place after a bf16 run): the model the final
+        checkpoint loads as with ``dtype=float32``, as ``python -m eval`` and the demo load it by default."""
+        if self.precision == "bf16":
+            self.model.float()
+        return self.model.eval()
 
 
 def _load_records(config: MLLMTrainConfig, path: str, what: str) -> list:
@@ -281,6 +292,7 @@ def train_mllm(
             log_history=list(state.log_history),
             model=run.model,
             processor=run.processor,
+            precision=run.precision,
         )
 
 
