@@ -142,7 +142,7 @@ class MLLMTrainConfig:
     precision: Literal["auto", "fp32", "bf16", "bf16_if_native"] = "auto"
     """``auto``: bf16 on a GPU that supports it, else fp32; ``bf16_if_native``: bf16 on any device that computes it
     in hardware (such a GPU, or a CPU with AMX / AVX512-BF16: bf16 autocast, the frozen parts held in bf16), else
-    fp32 (the tiny recipe's: its stage 2 is ~3x as fast on an AMX CPU, docs/benchmarks.md)."""
+    fp32 (the tiny recipe's: its stage 2 is 1.2-1.5x as fast on an AMX CPU, docs/benchmarks.md)."""
     deepspeed: str | None = None
     """A DeepSpeed JSON config (``train/deepspeed/zero2.json``, ``zero3.json``, ``zero3_offload.json``)."""
 

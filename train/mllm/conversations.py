@@ -463,8 +463,8 @@ def conversations_from_record(
             sample.update(task=task_field, width=record.width, height=record.height)
             samples.append(sample)
             report.conversations[task_field] += 1
-            for task in chunk_tasks:
-                report.turns[task] += sum(1 for turn in chunk if turn[0] == task)
+            for task, *_ in chunk:
+                report.turns[task] += 1
     return samples
 
 
