@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 
@@ -246,6 +247,23 @@ def test_mixed_task_conversations_and_per_task_wordings(world):
     ]
     assert lmms and all("." in answer for _, answer in lmms)
     assert mixed == convert(mix_tasks=True)  # deterministic
+    # no conversation asks twice about one region (no answer copied from an earlier turn): every turn's region,
+    # found from its box (a referring question's, a grounding answer's) in either codec
+    by_id = {r.id: r for r in records}
+    codecs = [get_box_codec("int999"), get_box_codec("float")]
+    for sample in mixed:
+        record = by_id[sample["id"].split("-mixed-")[0]]
+        encoded = {codec.encode(region.box): i for i, region in enumerate(record.regions) for codec in codecs}
+        asked = []
+        for question, answer in zip(sample["conversations"][::2], sample["conversations"][1::2], strict=True):
+            text = answer["value"] if "<region>" not in question["value"] else question["value"].split(" <region>")[0]
+            asked.append(next(i for box, i in encoded.items() if text.endswith(box)))
+        assert len(asked) == len(set(asked)) <= 2, sample
+    # a one-object scene: its grounding and referring questions in two conversations
+    one = dataclasses.replace(records[0], regions=records[0].regions[:1])
+    alone = conversations_from_record(one, wordings=wordings, mix_tasks=True, **options)
+    assert sorted(s["task"] for s in alone) == ["grounding", "referring"]
+    assert all(len(s["conversations"]) == 2 for s in alone)
     with pytest.raises(ValueError, match="unknown task"):
         conversations_from_record(records[0], wordings={"detection": ["default"]})
     with pytest.raises(ValueError, match="for referring"):
