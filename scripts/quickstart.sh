@@ -6,7 +6,7 @@
 #                                       # stage-2 steps at ~0.8 s each in bf16 on a CPU with bf16 units)
 #   bash scripts/quickstart.sh --long   # stage 2 twice as long (3200 steps); after a default run it continues that
 #                                       # run's stage 2 from step 1600 (about 22 more minutes)
-# Held-out grounding: README.md and docs/benchmarks.md ("seventh round"; --long: "sixth round", an earlier recipe).
+# Held-out grounding: README.md and docs/benchmarks.md ("eighth round"; --long: "sixth round", an earlier recipe).
 # Step counts can be set one by one: CLOC_STEPS=... STAGE1_STEPS=... STAGE2_STEPS=... bash scripts/quickstart.sh;
 # RUNS=DIR puts the world and the runs under DIR instead of runs/.
 # Re-running continues each stage from its last checkpoint; a stage whose input changed (a longer CLOC run, say)

@@ -7,8 +7,8 @@ The bars were fixed before this recipe was measured in the test (issue 12 §3): 
 x shape categories); grounding Acc@0.5 at least 3 combined standard errors above the best constant box's,
 3 * sqrt(p(1-p)/n + b(1-b)/n) over the same n = 480 held-out questions (tests/numerics.py); mean IoU 0.03 above
 the constant box's. The quickstart's target (30% Acc@0.5, issue 12 §2) is not a bar here: this test trains half the
-quickstart's stage-2 steps (the recipe reaches about 30% at 1600 steps and 15–17% at 800; docs/benchmarks.md,
-sixth and seventh rounds). The recipe's ``precision: bf16_if_native`` makes the run bf16 on a CPU with bf16 units
+quickstart's stage-2 steps (the recipe reaches 27–30% at 1600 steps and 13–17% at 800; docs/benchmarks.md,
+sixth to eighth rounds). The recipe's ``precision: bf16_if_native`` makes the run bf16 on a CPU with bf16 units
 and fp32 elsewhere; the bars are the same for both.
 """
 
