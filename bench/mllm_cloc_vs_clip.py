@@ -24,6 +24,9 @@ Seeds can run as separate processes (on separate cores, ``OMP_NUM_THREADS=1`` ea
 
     python -m bench.mllm_cloc_vs_clip --seeds 0 --out runs/bench_s0    # ... one process per seed
     python -m bench.mllm_cloc_vs_clip --merge runs/bench_s0 runs/bench_s1 runs/bench_s2 --out runs/bench
+
+An interrupted or partial run continues with ``--resume`` (same ``--out`` and settings): the towers and arms already
+in its ``results.json`` are kept, the rest are trained (``--arms CLOC`` first, then ``--resume`` for the others).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from bench.mllm_arms import (
 )
 from cloc_encoder.data.format import RegionTextRecord, read_region_text
 from cloc_encoder.data.synthetic import SyntheticWorldConfig, generate_world
+from cloc_encoder.run_folder import latest_checkpoint
 from eval.mllm_generation import GenerationSettings
 from eval.regions.evaluate import evaluate_regions
 from train.mllm.conversations import ConversionReport
@@ -155,12 +159,22 @@ def run_arm(arm: Arm, recipe: Recipe, tower: Path, data: Data, out: Path, seed: 
     return row
 
 
-def train_towers(args: argparse.Namespace, data: Data, seed: int) -> tuple[dict[str, Path], list[dict[str, Any]]]:
-    """Both towers of ``seed`` (checkpoint folders by name) and their rows: encoder metrics and pretraining minutes."""
+def train_towers(
+    args: argparse.Namespace, data: Data, seed: int, done: list[dict[str, Any]]
+) -> tuple[dict[str, Path], list[dict[str, Any]]]:
+    """Both towers of ``seed`` (checkpoint folders by name) and their rows: encoder metrics and pretraining minutes.
+    A tower with a row in ``done`` (``--resume``) and its checkpoint in place is reused, not trained again."""
     towers, rows = {}, []
     for name, overrides in TOWERS.items():
-        timer = Timer()
         folder = args.out / f"seed{seed}" / "towers" / slug(name)
+        row = _find(done, tower=name, seed=seed)
+        checkpoint = latest_checkpoint(folder / "encoder")
+        if row is not None and checkpoint is not None:
+            print(f"{name} tower, seed {seed}: reusing {checkpoint}", flush=True)
+            towers[name] = checkpoint
+            rows.append(row)
+            continue
+        timer = Timer()
         options = [*overrides, *args.cloc_overrides]
         towers[name] = pretrain_tower(data.world / "train.jsonl", folder / "encoder", args.cloc_steps, seed, options)
         minutes = timer.minutes
@@ -171,16 +185,24 @@ def train_towers(args: argparse.Namespace, data: Data, seed: int) -> tuple[dict[
 
 
 def run(args: argparse.Namespace, recipe: Recipe) -> tuple[list[dict], list[dict]]:
-    """Every seed: both towers, then every arm; ``(arm rows, tower rows)``, written to ``--out`` as they come."""
+    """Every seed: both towers, then every arm; ``(arm rows, tower rows)``, written to ``--out`` as they come.
+
+    With ``--resume``, the rows of ``--out``'s ``results.json`` (same settings but the seeds) are kept, and the
+    towers and arms they cover are not run again (an arm is run again when its tower had to be retrained)."""
     data = write_data(args)
-    arm_rows: list[dict] = []
-    tower_rows: list[dict] = []
+    arm_rows, tower_rows = previous_rows(args, recipe)
     for seed in args.seeds:
-        towers, rows = train_towers(args, data, seed)
-        tower_rows += rows
+        done_towers = [row for row in tower_rows if row["seed"] == seed]
+        towers, rows = train_towers(args, data, seed, done_towers)
+        retrained = {row["tower"] for row in rows if not any(row is done for done in done_towers)}
+        arm_rows = [row for row in arm_rows if not (row["seed"] == seed and row["tower"] in retrained)]
+        tower_rows = [row for row in tower_rows if row["seed"] != seed] + rows
         write_results(args, recipe, arm_rows, tower_rows)
         for arm in ARMS:
             if args.arms and arm.name not in args.arms:
+                continue
+            if _find(arm_rows, arm=arm.name, seed=seed) is not None:
+                print(f"{arm.name}, seed {seed}: done in an earlier run", flush=True)
                 continue
             out = args.out / f"seed{seed}" / "arms" / slug(arm.name)
             arm_rows.append(run_arm(arm, recipe, towers[arm.tower], data, out, seed))
@@ -188,7 +210,35 @@ def run(args: argparse.Namespace, recipe: Recipe) -> tuple[list[dict], list[dict
             arm_rows[-1]["encoder"] = {k: v for k, v in encoder.items() if k not in ("tower", "seed")}
             print(json.dumps(arm_rows[-1]), flush=True)
             write_results(args, recipe, arm_rows, tower_rows)
-    return arm_rows, tower_rows
+    return _ordered(arm_rows, "arm", ARMS), _ordered(tower_rows, "tower", TOWERS)
+
+
+def previous_rows(args: argparse.Namespace, recipe: Recipe) -> tuple[list[dict], list[dict]]:
+    """``--resume``: the arm and tower rows of ``--out``'s ``results.json`` (none without one or without
+    ``--resume``). Raises ``SystemExit`` when that file was written with other settings than this run's seeds."""
+    path = args.out / "results.json"
+    if not args.resume or not path.is_file():
+        return [], []
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    for key, mine in (("settings", settings(args, recipe)), ("arms", arm_definitions()), ("towers", TOWERS)):
+        if _comparable(previous.get(key, {})) != _comparable(mine):
+            raise SystemExit(f"error: --resume: {path} was written with other {key}; use another --out")
+    return previous["rows"], previous["tower_rows"]
+
+
+def _find(rows: Sequence[dict], **values: Any) -> dict | None:
+    return next((row for row in rows if all(row.get(k) == v for k, v in values.items())), None)
+
+
+def _comparable(values: dict[str, Any]) -> Any:
+    """``values`` but its ``seeds``, as JSON reads it back (tuples as lists)."""
+    return json.loads(json.dumps({k: v for k, v in values.items() if k != "seeds"}))
+
+
+def _ordered(rows: list[dict], key: str, names: Sequence[Any]) -> list[dict]:
+    """``rows`` by seed, then in the order of ``names`` (arms or towers)."""
+    order = [getattr(name, "name", name) for name in names]
+    return sorted(rows, key=lambda row: (row["seed"], order.index(row[key])))
 
 
 def slug(name: str) -> str:
@@ -196,22 +246,33 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
+def settings(args: argparse.Namespace, recipe: Recipe) -> dict[str, Any]:
+    """What a run's numbers depend on, as ``results.json`` records it (``seeds``: this invocation's)."""
+    return {
+        "seeds": args.seeds,
+        "cloc_steps": args.cloc_steps,
+        "cloc_overrides": args.cloc_overrides,
+        "train_images": args.train_images,
+        "mllm_images": args.mllm_images,
+        "test_images": args.test_images,
+        "conversation": {**CONVERSATION_OPTIONS, **parse_options(args.conversation)},
+        "recipe": {key: str(value) if isinstance(value, Path) else value for key, value in vars(recipe).items()},
+    }
+
+
+def arm_definitions() -> dict[str, dict[str, Any]]:
+    """Each arm's tower, overrides and description, as ``results.json`` records them."""
+    return {arm.name: {"tower": arm.tower, "overrides": list(arm.overrides), "about": arm.description} for arm in ARMS}
+
+
 def write_results(args: argparse.Namespace, recipe: Recipe, arm_rows: list[dict], tower_rows: list[dict]) -> None:
-    """``results.json`` (settings, arms, per-seed rows, summaries) and ``results.md`` (the report)."""
+    """``results.json`` (settings, arms, per-seed rows, summaries) and ``results.md`` (the report); ``seeds`` lists
+    every seed with a row (earlier runs' too, with ``--resume``)."""
+    arm_rows, tower_rows = _ordered(arm_rows, "arm", ARMS), _ordered(tower_rows, "tower", TOWERS)
+    seeds = sorted({*args.seeds, *(row["seed"] for row in [*arm_rows, *tower_rows])})
     results = {
-        "settings": {
-            "seeds": args.seeds,
-            "cloc_steps": args.cloc_steps,
-            "cloc_overrides": args.cloc_overrides,
-            "train_images": args.train_images,
-            "mllm_images": args.mllm_images,
-            "test_images": args.test_images,
-            "conversation": {**CONVERSATION_OPTIONS, **parse_options(args.conversation)},
-            "recipe": {key: str(value) if isinstance(value, Path) else value for key, value in vars(recipe).items()},
-        },
-        "arms": {
-            arm.name: {"tower": arm.tower, "overrides": list(arm.overrides), "about": arm.description} for arm in ARMS
-        },
+        "settings": {**settings(args, recipe), "seeds": seeds},
+        "arms": arm_definitions(),
         "towers": {name: list(overrides) for name, overrides in TOWERS.items()},
         "summary": summarise(arm_rows, "arm", _metric_keys(arm_rows, "arm")),
         "tower_summary": summarise(tower_rows, "tower", _metric_keys(tower_rows, "tower")),
@@ -238,9 +299,7 @@ def merge_results(folders: Sequence[Path], out: Path) -> dict[str, Any]:
     seeds: list[int] = []
     for folder, result in zip(folders, results, strict=True):
         for key in ("settings", "arms", "towers"):
-            mine = {k: v for k, v in result[key].items() if k != "seeds"} if key == "settings" else result[key]
-            theirs = {k: v for k, v in first[key].items() if k != "seeds"} if key == "settings" else first[key]
-            if mine != theirs:
+            if _comparable(result[key]) != _comparable(first[key]):
                 raise SystemExit(f"error: --merge: {folder}/results.json: its {key} differ from {folders[0]}'s")
         repeated = set(seeds) & set(result["settings"]["seeds"])
         if repeated:
@@ -292,6 +351,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Recipe]:
     parser.add_argument("--mllm-images", type=int, default=MLLM_TRAIN_IMAGES, help="MLLM training scenes")
     parser.add_argument("--test-images", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep --out's results and skip the towers and arms they hold"
+    )
     parser.add_argument("--merge", type=Path, nargs="+", help="join these runs' results.json into --out (no training)")
     parser.add_argument("overrides", nargs="*", help="MLLM key=value for both stages and every arm")
     args = parser.parse_args(argv)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from bench.region_embed import format_table, main, random_boxes, run_benchmark
@@ -70,3 +71,28 @@ def test_mllm_cloc_vs_clip_bench_smoke(tmp_path, capsys):
     assert results["summary"]["CLOC"]["grounding_acc@0.5"]["n"] == 1
     assert "| arm | seeds | grounding Acc@0.5" in (tmp_path / "results.md").read_text()
     assert "| CLIP + RoI features | 1 |" in capsys.readouterr().out
+
+
+def test_mllm_cloc_vs_clip_bench_resumes(tmp_path, capsys):
+    """``--resume`` keeps the rows of an earlier run with the same settings and trains only what they lack: one arm
+    first, then the rest on the same towers (not pretrained again); other settings are refused."""
+    from bench.mllm_cloc_vs_clip import main as mllm_bench
+
+    assert mllm_bench(["--quick", "--arms", "CLOC", "--out", str(tmp_path)]) == 0
+    first = json.loads((tmp_path / "results.json").read_text())
+    assert [row["arm"] for row in first["rows"]] == ["CLOC"]
+    towers = sorted((tmp_path / "seed0" / "towers").glob("*/encoder/step-*/model.safetensors"))
+    stamps = [path.stat().st_mtime_ns for path in towers]
+    assert len(towers) == 2
+
+    assert mllm_bench(["--quick", "--resume", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [row["arm"] for row in results["rows"]] == ["CLOC", "CLIP + trained prompter", "CLIP + RoI features"]
+    assert results["rows"][0] == first["rows"][0]  # kept as it was
+    assert results["tower_rows"] == first["tower_rows"]
+    assert [path.stat().st_mtime_ns for path in towers] == stamps  # the towers were reused
+    out = capsys.readouterr().out
+    assert "CLOC, seed 0: done in an earlier run" in out and "reusing" in out
+
+    with pytest.raises(SystemExit, match="other settings"):
+        mllm_bench(["--quick", "--resume", "--out", str(tmp_path), "lr=1e-3"])
