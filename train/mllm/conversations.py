@@ -397,7 +397,7 @@ def _cut_into_conversations(turns: Sequence[tuple], size: int) -> list[list[tupl
     A conversation that gave a region's box in one question and then asked where that object is (or the reverse)
     would teach the answer's shortcut of copying the earlier turn instead of looking at the image: trained so, the
     model answered "Where is X?" after "What is [region0]?" with region0's box in 64% of held-out scenes
-    (docs/benchmarks.md, eighth round)."""
+    (docs/benchmarks.md, seventh round; 8% once cut so, eighth round)."""
     chunks: list[list[tuple]] = []
     for turn in turns:
         region = turn[4]
