@@ -57,7 +57,7 @@ from bench.mllm_arms import (
     summarise,
     train_arm,
 )
-from cloc_encoder.data.format import RegionTextRecord, read_region_text
+from cloc_encoder.data.format import RegionTextRecord, atomic_write_text, read_region_text
 from cloc_encoder.data.synthetic import SyntheticWorldConfig, generate_world
 from cloc_encoder.run_folder import latest_checkpoint
 from eval.mllm_generation import GenerationSettings
@@ -280,8 +280,8 @@ def write_results(args: argparse.Namespace, recipe: Recipe, arm_rows: list[dict]
         "tower_rows": tower_rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (args.out / "results.md").write_text(format_report(arm_rows, tower_rows) + "\n", encoding="utf-8")
+    atomic_write_text(args.out / "results.json", json.dumps(results, indent=2) + "\n")  # what --resume reads
+    atomic_write_text(args.out / "results.md", format_report(arm_rows, tower_rows) + "\n")
 
 
 def merge_results(folders: Sequence[Path], out: Path) -> dict[str, Any]:
