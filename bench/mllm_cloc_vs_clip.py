@@ -194,7 +194,7 @@ def run(args: argparse.Namespace, recipe: Recipe) -> tuple[list[dict], list[dict
     for seed in args.seeds:
         done_towers = [row for row in tower_rows if row["seed"] == seed]
         towers, rows = train_towers(args, data, seed, done_towers)
-        retrained = {row["tower"] for row in rows if not any(row is done for done in done_towers)}
+        retrained = {row["tower"] for row in rows if row not in done_towers}
         arm_rows = [row for row in arm_rows if not (row["seed"] == seed and row["tower"] in retrained)]
         tower_rows = [row for row in tower_rows if row["seed"] != seed] + rows
         write_results(args, recipe, arm_rows, tower_rows)
