@@ -96,3 +96,46 @@ def test_mllm_cloc_vs_clip_bench_resumes(tmp_path, capsys):
 
     with pytest.raises(SystemExit, match="other settings"):
         mllm_bench(["--quick", "--resume", "--out", str(tmp_path), "lr=1e-3"])
+
+
+@pytest.mark.parametrize("vision", ["joint", "cloc"])
+def test_grounding_calibration_bench_smoke(tmp_path, tiny_cloc, vision):
+    """The calibration bench trains a few steps on fresh scenes (a jointly trained ViT, or a frozen CLOC tower with
+    2 × 2 merged tokens and the world's own expressions) and appends its evaluations to eval.jsonl."""
+    from bench.grounding_calibration import CalibrationConfig, run
+    from cloc_encoder.image_processing import CLOCImageProcessor
+
+    options = {}
+    if vision == "cloc":
+        tower = tmp_path / "tower"
+        tiny_cloc.save_pretrained(tower)
+        CLOCImageProcessor(image_size=tiny_cloc.config.vision_config.image_size).save_pretrained(tower)
+        options = {"vision": str(tower), "merge": 2, "expressions": "world", "distinct_shapes": False}
+    config = CalibrationConfig(
+        steps=3, eval_at=[2], batch_size=4, eval_scenes=6, hidden_size=32, num_layers=1, **options
+    )
+    rows = run(config, tmp_path / "out", progress=False)
+    assert [row["step"] for row in rows] == [2, 3]
+    written = [json.loads(line) for line in (tmp_path / "out" / "eval.jsonl").read_text().splitlines()]
+    assert written == rows
+    for row in rows:
+        assert row["questions"] == 6 and 0 <= row["acc@0.5"] <= 1 and 0 <= row["selection"] <= 1
+        assert 1 / 3 - 1e-9 <= row["selection_chance"] <= 1 / 2 + 1e-9
+        assert 0.0 <= row["miou"] <= 1.0 and row["loss"] > 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vision"] == config.vision
+
+
+def test_grounding_calibration_scores_answers_against_the_scene():
+    """An answer's IoU is with the asked object and selection is the object it overlaps most; no box scores 0."""
+    from bench.grounding_calibration import CalibrationConfig, SceneQuestions, score_answer
+    from cloc_encoder.data.synthetic import SyntheticWorldConfig
+    from mllm.box_codec import encode_box
+
+    question = SceneQuestions(CalibrationConfig(), SyntheticWorldConfig(), seed=3).draw(1)[0]
+    objects = question.scene.objects
+    other = (question.target + 1) % len(objects)
+    iou, selected = score_answer(f"It is at {encode_box(objects[question.target].box)}.", question)
+    assert iou > 0.98 and selected  # the 0-999 grid moves each side by at most half a cell
+    iou, selected = score_answer(encode_box(objects[other].box), question)
+    assert iou < 0.9 and not selected  # the other object's box: it overlaps that one most
+    assert score_answer("a red circle", question) == (0.0, False)
