@@ -170,9 +170,9 @@ def build_inputs(
     pixels = torch.stack([model.image_processor.to_model_pixels(q.scene.image)[0] for q in questions])
     images = model.image_tokens(pixels)
     embed = model.llm.get_input_embeddings()
+    bos = embed(torch.tensor([tokenizer.bos_token_id]))
     rows, labels = [], []
     for question, image in zip(questions, images, strict=True):
-        bos = embed(torch.tensor([tokenizer.bos_token_id]))
         text = embed(torch.tensor(tokenizer(question.text + "\n", add_special_tokens=False)["input_ids"]))
         parts = [bos, text, image] if model.config.order == "question_first" else [bos, image, text]
         label = [-100] * sum(part.shape[0] for part in parts)
