@@ -13,6 +13,8 @@ from:
 
 A tower part that stage 1 trained (the prompter here, or the ViT with ``tune_vision_tower``) reaches stage 2 through
 the pipeline: it travels in stage 1's ``mm_projector.safetensors``, which stage 2 loads on top of the tower folder.
+Stage 2 runs in the recipe's two phases when the arm is given grounding conversations (grounding alone, then the
+mixed conversations from that phase's whole model, tower parts included), as :func:`train.mllm.stages.train_stages`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from mllm import CLOCVisionTower
 from train.cloc.config import load_config
 from train.cloc.pretrain import train_cloc
 from train.mllm.config import load_mllm_config
-from train.mllm.stages import TINY_STAGE1, TINY_STAGE2
+from train.mllm.stages import TINY_STAGE1, TINY_STAGE2, TINY_STAGE2_GROUNDING
 from train.mllm.train import MLLMTrainResult, train_mllm
 from train.mllm.trainable import unwrap
 
@@ -75,21 +77,25 @@ ARMS = (
 
 @dataclass
 class Recipe:
-    """The MLLM recipe every arm trains with: the stage YAMLs plus ``key=value`` overrides (both stages, then per
-    stage); ``None`` steps keep the YAML's ``max_steps``."""
+    """The MLLM recipe every arm trains with: the YAMLs of stage 1 and of stage 2's two phases (grounding alone,
+    then mixed) plus ``key=value`` overrides (every run, then per stage: ``stage2_overrides`` apply to both phases);
+    ``None`` steps keep the YAML's ``max_steps``; ``grounding_steps=0`` trains stage 2 in one run on the mixed
+    conversations (from stage 1's projector)."""
 
     stage1_config: Path = TINY_STAGE1
+    stage2_grounding_config: Path = TINY_STAGE2_GROUNDING
     stage2_config: Path = TINY_STAGE2
     stage1_steps: int | None = None
+    grounding_steps: int | None = None
     stage2_steps: int | None = None
     overrides: list[str] = field(default_factory=list)
     stage1_overrides: list[str] = field(default_factory=list)
     stage2_overrides: list[str] = field(default_factory=list)
 
-    def stage(self, number: int, seed: int, arm: Arm, paths: Sequence[str]) -> list[str]:
-        """Overrides of stage ``number`` of ``arm`` for ``seed``: seeds, steps, the user's, the arm's, then the
-        bench's ``paths`` (data, tower, output folder, projector)."""
-        steps = self.stage1_steps if number == 1 else self.stage2_steps
+    def stage(self, number: int, seed: int, arm: Arm, paths: Sequence[str], *, grounding: bool = False) -> list[str]:
+        """Overrides of stage ``number`` (``grounding``: stage 2's first phase) of ``arm`` for ``seed``: seeds,
+        steps, the user's, the arm's, then the bench's ``paths`` (data, tower, output folder, starting point)."""
+        steps = self.stage1_steps if number == 1 else self.grounding_steps if grounding else self.stage2_steps
         step_overrides = [] if steps is None else [f"max_steps={steps}", f"save_every={steps}"]
         per_stage = self.stage1_overrides if number == 1 else self.stage2_overrides
         return [
@@ -159,20 +165,31 @@ def prompter_change(tower: Path, stage2: MLLMTrainResult) -> float:
 
 
 def train_arm(
-    arm: Arm, recipe: Recipe, conversations: Path, tower: Path, out: Path, seed: int
+    arm: Arm,
+    recipe: Recipe,
+    conversations: Path,
+    tower: Path,
+    out: Path,
+    seed: int,
+    grounding: Path | None = None,
 ) -> tuple[MLLMTrainResult, MLLMTrainResult]:
-    """Both MLLM stages of ``arm`` on ``tower`` into ``out/stage1`` and ``out/stage2`` (as
-    :func:`train.mllm.stages.train_stages`; stage 1's projector file carries any tower part it trained)."""
-    data = f"train_data={conversations}"
+    """The MLLM stages of ``arm`` on ``tower``: stage 1 on ``conversations`` into ``out/stage1``; with
+    ``grounding`` (and ``recipe.grounding_steps`` not 0) stage 2's grounding phase on it into
+    ``out/stage2_grounding``; stage 2 on ``conversations`` into ``out/stage2``, from the grounding phase's model or
+    else from the tower and stage 1's projector file (which carries any tower part stage 1 trained). Returns stage 1
+    and the final run."""
     tower_path = f"vision_tower={tower}"
-    paths1 = [data, tower_path, f"output_dir={out / 'stage1'}"]
+    paths1 = [f"train_data={conversations}", tower_path, f"output_dir={out / 'stage1'}"]
     stage1 = train_mllm(load_mllm_config(recipe.stage1_config, recipe.stage(1, seed, arm, paths1)).validate())
-    paths2 = [
-        data,
-        tower_path,
-        f"pretrain_mm_projector={stage1.mm_projector}",
-        f"output_dir={out / 'stage2'}",
-    ]
+    projector = f"pretrain_mm_projector={stage1.mm_projector}"
+    start = [tower_path, projector, "model_path=null"]
+    if grounding is not None and recipe.grounding_steps != 0:
+        paths = [f"train_data={grounding}", *start, f"output_dir={out / 'stage2_grounding'}"]
+        config = load_mllm_config(recipe.stage2_grounding_config, recipe.stage(2, seed, arm, paths, grounding=True))
+        first = train_mllm(config.validate())
+        model = first.checkpoint or first.output_dir
+        start = ["vision_tower=null", "pretrain_mm_projector=null", f"model_path={model}"]
+    paths2 = [f"train_data={conversations}", *start, f"output_dir={out / 'stage2'}"]
     stage2 = train_mllm(load_mllm_config(recipe.stage2_config, recipe.stage(2, seed, arm, paths2)).validate())
     return stage1, stage2
 

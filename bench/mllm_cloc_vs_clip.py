@@ -4,7 +4,8 @@ MLLM ground and refer more than a CLIP tower given the same budget and a fair wa
 Per seed two towers, the same tiny ViT trained on the synthetic world for the same steps: CLOC (the shipped recipe,
 ``train/configs/cloc_tiny.yaml``) and CLIP-only (region losses off, ``max_regions_per_image=0``, so its prompter is
 untrained). Three arms (:data:`bench.mllm_arms.ARMS`) become CLOC-LLaVAs with the same tiny Llama, trained with the
-same recipe (``mllm_tiny_stage1.yaml`` then ``mllm_tiny_stage2.yaml`` plus overrides), then asked the held-out
+same recipe (``mllm_tiny_stage1.yaml``, then stage 2's grounding phase ``mllm_tiny_stage2_grounding.yaml`` and
+mixed phase ``mllm_tiny_stage2.yaml``, plus overrides), then asked the held-out
 grounding and referring questions of ``python -m eval regions`` on every test image:
 
 - ``CLOC``: the CLOC tower's pretrained prompter feeds ``<region>``;
@@ -69,6 +70,7 @@ REPO = Path(__file__).resolve().parents[1]
 QUICK = {
     "cloc_steps": 4,
     "stage1_steps": 2,
+    "grounding_steps": 2,
     "stage2_steps": 3,
     "train_images": 16,
     "mllm_images": 16,
@@ -102,6 +104,7 @@ class Data:
 
     world: Path
     conversations: Path
+    grounding: Path
     train: list[RegionTextRecord]
     test: list[RegionTextRecord]
 
@@ -114,10 +117,11 @@ def write_data(args: argparse.Namespace) -> Data:
     generate_world(SyntheticWorldConfig(), world, {"train": args.train_images, "test": args.test_images})
     report = ConversionReport()
     options = parse_options(args.conversation)
-    conversations = build_training_data(args.out / "world_mllm", args.mllm_images, report=report, **options)
+    recipe_data = build_training_data(args.out / "world_mllm", args.mllm_images, report=report, **options)
     print(report.summary(), flush=True)
-    mllm_records = read_region_text(conversations.parent / "train.jsonl")
-    return Data(world, conversations, mllm_records, read_region_text(world / "test.jsonl"))
+    mllm_records = read_region_text(recipe_data.conversations.parent / "train.jsonl")
+    test = read_region_text(world / "test.jsonl")
+    return Data(world, recipe_data.conversations, recipe_data.grounding, mllm_records, test)
 
 
 def evaluate_arm(stage2: Any, train: Sequence[RegionTextRecord], test: Sequence[RegionTextRecord], out: Path) -> dict:
@@ -144,10 +148,10 @@ def evaluate_arm(stage2: Any, train: Sequence[RegionTextRecord], test: Sequence[
 
 
 def run_arm(arm: Arm, recipe: Recipe, tower: Path, data: Data, out: Path, seed: int) -> dict[str, Any]:
-    """Train and evaluate one arm on one seed's tower; its row (``minutes``: both stages and the evaluation)."""
+    """Train and evaluate one arm on one seed's tower; its row (``minutes``: every stage and the evaluation)."""
     shutil.rmtree(out, ignore_errors=True)  # a stale eval folder would be resumed
     timer = Timer()
-    stage1, stage2 = train_arm(arm, recipe, data.conversations, tower, out / "mllm", seed)
+    stage1, stage2 = train_arm(arm, recipe, data.conversations, tower, out / "mllm", seed, data.grounding)
     row = {"arm": arm.name, "seed": seed, "tower": arm.tower}
     row.update(evaluate_arm(stage2, data.train, data.test, out / "eval"))
     row["minutes"] = timer.minutes
@@ -341,8 +345,15 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Recipe]:
     parser.add_argument("--cloc-steps", type=int, default=450, help="encoder pretraining steps (batch 64)")
     parser.add_argument("--cloc-overrides", nargs="*", default=[], help="encoder train-config key=value")
     parser.add_argument("--stage1-config", type=Path, default=Recipe.stage1_config)
+    parser.add_argument("--stage2-grounding-config", type=Path, default=Recipe.stage2_grounding_config)
     parser.add_argument("--stage2-config", type=Path, default=Recipe.stage2_config)
     parser.add_argument("--stage1-steps", type=int, default=None, help="default: the stage-1 config's max_steps")
+    parser.add_argument(
+        "--grounding-steps",
+        type=int,
+        default=None,
+        help="stage 2's grounding phase (default: its config's max_steps; 0: stage 2 in one run on the mixed data)",
+    )
     parser.add_argument("--stage2-steps", type=int, default=None, help="default: the stage-2 config's max_steps")
     parser.add_argument("--stage1-overrides", nargs="*", default=[], help="MLLM key=value for stage 1 (all arms)")
     parser.add_argument("--stage2-overrides", nargs="*", default=[], help="MLLM key=value for stage 2 (all arms)")
@@ -358,7 +369,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Recipe]:
     parser.add_argument("overrides", nargs="*", help="MLLM key=value for both stages and every arm")
     args = parser.parse_args(argv)
     if args.quick:
-        for key in ("cloc_steps", "stage1_steps", "stage2_steps", "train_images", "mllm_images", "test_images"):
+        quick = ("cloc_steps", "stage1_steps", "grounding_steps", "stage2_steps", "train_images", "mllm_images")
+        for key in (*quick, "test_images"):
             setattr(args, key, QUICK[key])
         args.cloc_overrides = [*QUICK["cloc_overrides"], *args.cloc_overrides]
         args.overrides = [*QUICK["overrides"], *args.overrides]
@@ -366,8 +378,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Recipe]:
     parse_options(args.conversation)  # fail early on a malformed option
     recipe = Recipe(
         stage1_config=args.stage1_config,
+        stage2_grounding_config=args.stage2_grounding_config,
         stage2_config=args.stage2_config,
         stage1_steps=args.stage1_steps,
+        grounding_steps=args.grounding_steps,
         stage2_steps=args.stage2_steps,
         overrides=list(args.overrides),
         stage1_overrides=list(args.stage1_overrides),

@@ -1,10 +1,10 @@
 """Stage-2 training speed of the synthetic-world recipe's layouts, on its real conversations and tower.
 
-Each variant is a short stage-2 run of ``train.mllm_train`` (``mllm_tiny_stage2.yaml`` with overrides, a fresh
-projector, nothing saved) on the same machine, one after the other, over ``--rounds`` rounds so that a noisy
-machine hits every variant alike. Reported per variant: median seconds per optimizer step and questions trained per
-second (a conversation's assistant answers), and the ratio of questions/s to the first variant measured in the same
-run.
+Each variant is a short stage-2 run of ``train.mllm_train`` (``mllm_tiny_stage2_grounding.yaml``, the recipe's
+stage-2 settings from a tower, with overrides, a fresh projector, nothing saved) on the same machine, one after the
+other, over ``--rounds`` rounds so that a noisy machine hits every variant alike. Reported per variant: median
+seconds per optimizer step and questions trained per second (a conversation's assistant answers), and the ratio of
+questions/s to the first variant measured in the same run.
 
     python -m bench.recipe_step --tower runs/cloc_tiny --data runs/world_mllm            # the layouts, fp32
     python -m bench.recipe_step --tower runs/cloc_tiny --data runs/world_mllm --bf16     # and bf16 autocast
@@ -32,7 +32,7 @@ from train.mllm.conversations import conversations_from_records, write_conversat
 from train.mllm.synthetic_data import CONVERSATION_OPTIONS
 from train.mllm.train import train_mllm
 
-STAGE2_CONFIG = "train/configs/mllm_tiny_stage2.yaml"
+STAGE2_CONFIG = "train/configs/mllm_tiny_stage2_grounding.yaml"
 
 
 @dataclass(frozen=True)

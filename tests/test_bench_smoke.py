@@ -66,6 +66,8 @@ def test_mllm_cloc_vs_clip_bench_smoke(tmp_path, capsys):
     assert all(0.0 <= row["grounding_acc@0.5"] <= 1.0 and row["referring_chance"] > 0 for row in rows)
     tuned = [row["arm"] for row in rows if row["trainable_stage1"]["vision"] and row["trainable_stage2"]["vision"]]
     assert tuned == ["CLIP + trained prompter"] and rows[1]["prompter_change"] > 0
+    assert results["settings"]["recipe"]["grounding_steps"] == 2  # stage 2 in the recipe's two phases
+    assert len(list(tmp_path.glob("seed0/arms/*/mllm/stage2_grounding/step-000002"))) == 3
     assert [row["tower"] for row in results["tower_rows"]] == ["CLOC", "CLIP-only"]
     assert all(0.0 <= row["region_cls_acc"] <= 1.0 for row in results["tower_rows"])
     assert results["summary"]["CLOC"]["grounding_acc@0.5"]["n"] == 1

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from bench.mllm_arms import ARMS, Recipe, format_report, mean_std, train_arm
 from cloc_encoder.data.format import read_region_text
 from cloc_encoder.image_processing import CLOCImageProcessor
-from mllm import CLOCLlavaProcessor, CLOCVisionTower
+from mllm import CLOCLlavaForConditionalGeneration, CLOCLlavaProcessor, CLOCVisionTower
 from train.mllm.build import assemble_model
 from train.mllm.config import MLLMTrainConfig, load_mllm_config
 from train.mllm.conversations import conversations_from_records, write_conversations
@@ -134,12 +134,39 @@ def test_roi_align_arm_through_both_stages(conversations, tower, tmp_path, caplo
     assert not [r for r in caplog.records if "another base" in r.message or "starts fresh" in r.message]
 
 
+def test_trained_prompter_arm_through_both_phases_of_stage2(world, conversations, tower, tmp_path):
+    """With grounding conversations stage 2 runs in two phases: the grounding phase starts from the tower and stage
+    1's projector file and trains the prompter further; the mixed phase starts from that phase's whole model
+    (``model_path``, no tower folder) and trains the prompter again."""
+    grounding = world / "arms" / "grounding_conv.json"
+    records = read_region_text(world / "train.jsonl")
+    write_conversations(conversations_from_records(records, out_dir=grounding.parent, tasks=["grounding"]), grounding)
+    recipe = Recipe(stage1_steps=2, grounding_steps=2, stage2_steps=2, overrides=list(TINY_RECIPE))
+    arm = ARM["CLIP + trained prompter"]
+    stage1, stage2 = train_arm(arm, recipe, conversations, tower, tmp_path / "arm", 0, grounding)
+    first = tmp_path / "arm" / "stage2_grounding" / "step-000002"
+    settings = yaml.safe_load((first / "train_config.yaml").read_text())
+    assert settings["train_data"] == str(grounding) and settings["vision_tower"] == str(tower)
+    assert settings["pretrain_mm_projector"] == str(stage1.mm_projector) and settings["tune_prompter"] is True
+    settings = yaml.safe_load((stage2.checkpoint / "train_config.yaml").read_text())
+    assert settings["model_path"] == str(first) and settings["vision_tower"] is None
+    assert settings["train_data"] == str(conversations) and stage2.trainable_parameters["vision"] > 0
+    after_first = _prompter(CLOCLlavaForConditionalGeneration.from_pretrained(first).model.vision_tower)
+    after1 = _prompter(unwrap(stage1.model).model.vision_tower)
+    after2 = _prompter(unwrap(stage2.model).model.vision_tower)
+    assert not torch.equal(after_first["corner_embeddings"], after1["corner_embeddings"])
+    assert not torch.equal(after2["corner_embeddings"], after_first["corner_embeddings"])
+
+
 def test_recipe_order_puts_arm_and_paths_last():
     recipe = Recipe(stage1_steps=5, overrides=["lr=1"], stage1_overrides=["lr=2"])
     overrides = recipe.stage(1, 7, ARM["CLIP + trained prompter"], ["output_dir=x"])
     assert overrides[-3:] == ["lr=2", "tune_prompter=true", "output_dir=x"]
     assert {"init_seed=7", "seed=7", "max_steps=5"} <= set(overrides)
     assert not any(o.startswith("max_steps") for o in recipe.stage(2, 7, ARM["CLOC"], []))
+    phases = Recipe(grounding_steps=3, stage2_steps=4, stage2_overrides=["lr=5"])
+    assert {"max_steps=3", "lr=5"} <= set(phases.stage(2, 7, ARM["CLOC"], [], grounding=True))
+    assert {"max_steps=4", "lr=5"} <= set(phases.stage(2, 7, ARM["CLOC"], []))
     config = load_mllm_config(TINY_STAGE1, recipe.stage(1, 7, ARM["CLIP + RoI features"], ["train_data=x"]))
     assert isinstance(config, MLLMTrainConfig) and config.model_overrides["region_feature"] == "roi_align"
     assert config.model_overrides["text_config"]["hidden_size"] == 256  # the YAML's text_config is kept

@@ -515,11 +515,16 @@ def test_dataset_over_world_conversations(world, tmp_path, processor):
 def test_recipe_training_data_is_its_own_world(tmp_path):
     from train.mllm.synthetic_data import MLLM_WORLD, build_training_data, main
 
-    path = build_training_data(tmp_path / "mllm", images=12)
+    data = build_training_data(tmp_path / "mllm", images=12)
     records = read_region_text(tmp_path / "mllm" / "train.jsonl")
     assert len(records) == 12 and not (tmp_path / "mllm" / "test.jsonl").exists()  # no held-out split here
     assert MLLM_WORLD.seed != 0 and MLLM_WORLD.min_objects == 1  # not the encoder world's stream (seed 0)
-    samples = read_conversations(path)
+    # Stage 2's first phase: one grounding question per conversation, one per object, in the project's wording.
+    grounding = read_conversations(data.grounding)
+    assert len(grounding) == sum(len(r.regions) for r in records)
+    assert {s.extra["task"] for s in grounding} == {"grounding"} and all(len(s.turns) == 2 for s in grounding)
+    assert all(s.turns[0][1].split("\n")[-1].startswith("Where is") for s in grounding)
+    samples = read_conversations(data.conversations)
     assert {s.extra["task"] for s in samples} <= {"grounding", "referring", "grounding+referring"}
     assert "grounding+referring" in {s.extra["task"] for s in samples}  # one conversation may ask both
     assert all(len(s.turns) <= 4 for s in samples)  # at most two questions per conversation

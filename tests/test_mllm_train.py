@@ -477,3 +477,40 @@ def test_model_from_cloc_encoder_and_llm_folders_and_from_model_path(
     caption_tokenizer.save_pretrained(llm_dir)
     with pytest.raises(LabelMaskingError, match=r"sample '.*-grounding-0'.*not a token prefix"):
         train_mllm(_config(data, tmp_path / "eos", stage=1, language_model=str(llm_dir), vision_tower=str(encoder_dir)))
+
+
+def test_train_stages_chains_the_grounding_phase_into_stage2(data, world, tmp_path, caplog):
+    """The recipe's three runs (stage 1, stage 2's grounding phase, stage 2 on the mixed data) chained by
+    :func:`train.mllm.stages.train_stages` with the shipped tiny configs: the last run starts from the grounding
+    phase's checkpoint (its tower, projectors, LLM and tokenizer) and inherits its settings without warnings."""
+    import yaml
+
+    from train.mllm.stages import train_stages
+
+    grounding = _conversations(world, world / "conv" / "grounding.json", tasks=["grounding"], max_turns=1)
+    small = ["max_steps=2", "batch_size=4", "save_every=2", "max_length=256", "tokenizer_vocab_size=320"]
+    small += ["progress_bar=false", "tensorboard=false", "device=cpu", "precision=fp32", "log_every=1"]
+    with caplog.at_level("WARNING", logger="train.mllm.build"):
+        runs = train_stages(data, None, tmp_path, grounding_data=grounding, overrides=small)
+    assert [run.stage for run in (runs.stage1, runs.stage2_grounding, runs.stage2)] == [1, 2, 2]
+    assert runs.stage2_grounding.checkpoint == tmp_path / "stage2_grounding" / "step-000002"
+    recorded = yaml.safe_load((runs.stage2.output_dir / "train_config.yaml").read_text())
+    assert recorded["model_path"] == str(runs.stage2_grounding.checkpoint) and recorded["train_data"] == str(data)
+    assert recorded["vision_tower"] is None and recorded["pretrain_mm_projector"] is None
+    first = yaml.safe_load((runs.stage2_grounding.output_dir / "train_config.yaml").read_text())
+    assert first["train_data"] == str(grounding) and first["pretrain_mm_projector"] == str(runs.stage1.mm_projector)
+    assert runs.stage2.trainable_parameters["llm"] > 0 and runs.elapsed_s > 0
+    assert not [r for r in caplog.records if "is ignored" in r.getMessage()]  # the inherited overrides hold
+
+
+def test_model_path_runs_warn_only_about_overrides_the_model_does_not_hold():
+    from transformers import LlamaConfig
+
+    from mllm import CLOCLlavaConfig
+    from train.mllm.build import differing_overrides
+
+    text = LlamaConfig(hidden_size=64, num_hidden_layers=2).to_dict()
+    config = CLOCLlavaConfig(text_config=text, vision_feature_layer=-2)
+    assert differing_overrides(config, {"vision_feature_layer": -2, "text_config": {"hidden_size": 64}}) == []
+    changed = {"vision_feature_layer": -1, "text_config": {"hidden_size": 64, "num_hidden_layers": 4}, "unknown": 1}
+    assert differing_overrides(config, changed) == ["vision_feature_layer", "text_config.num_hidden_layers", "unknown"]

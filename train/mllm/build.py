@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -248,7 +248,7 @@ def assemble_model(
             model = CLOCLlavaForConditionalGeneration.from_pretrained(
                 config.model_path, dtype=dtype, attn_implementation=attn
             )
-        for key in overrides:
+        for key in differing_overrides(model.config, overrides):
             logger.warning("model_overrides.%s is ignored: the model comes from model_path", key)
     else:
         tower, llm = None, None
@@ -339,6 +339,20 @@ def save_base_model(
     return folder
 
 
+def differing_overrides(model_config: Any, overrides: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the ``model_overrides`` that ``model_config`` (a loaded model's config) does not already
+    hold: those a ``model_path`` run ignores. A config that inherits the overrides its model was built with (a later
+    phase of a recipe) has none."""
+    differing = []
+    for key, value in overrides.items():
+        current = getattr(model_config, key, None)
+        if isinstance(value, Mapping) and current is not None and not isinstance(current, Mapping):
+            differing.extend(differing_overrides(current, value, f"{prefix}{key}."))
+        elif current != value:
+            differing.append(f"{prefix}{key}")
+    return differing
+
+
 def build_model(
     config: MLLMTrainConfig,
     tokenizer: PreTrainedTokenizerBase,
@@ -415,6 +429,7 @@ __all__ = [
     "build_model",
     "build_processor",
     "build_tokenizer",
+    "differing_overrides",
     "has_seeded_parts",
     "model_source",
     "planned_text_config",
