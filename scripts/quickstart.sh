@@ -3,9 +3,9 @@
 # tiny CLOC encoder on it, train a CLOC-LLaVA on that encoder (stage 1, then stage 2 in two phases: grounding
 # questions alone, then the mixed conversations), and print held-out grounding and referring accuracy.
 #   bash scripts/quickstart.sh          # default run: stage 2 = 1200 grounding + 600 mixed steps
-#   bash scripts/quickstart.sh --long   # stage 2 = 2400 grounding + 800 mixed steps; after a default run it
+#   bash scripts/quickstart.sh --long   # stage 2 = 3600 grounding + 800 mixed steps; after a default run it
 #                                       # continues that run's grounding phase from step 1200, then redoes the mixed one
-# Times and held-out grounding: README.md and docs/benchmarks.md ("tenth round").
+# Times and held-out grounding: README.md and docs/benchmarks.md ("eleventh round").
 # Step counts can be set one by one: CLOC_STEPS=... STAGE1_STEPS=... GROUNDING_STEPS=... STAGE2_STEPS=... bash
 # scripts/quickstart.sh; RUNS=DIR puts the world and the runs under DIR instead of runs/.
 # Re-running continues each stage from its last checkpoint; a stage whose input changed (a longer CLOC run, say)
@@ -22,7 +22,7 @@ for arg in "$@"; do
 done
 CLOC_STEPS=${CLOC_STEPS:-450} STAGE1_STEPS=${STAGE1_STEPS:-100}
 if [ "$LONG" = 1 ]; then
-    GROUNDING_STEPS=${GROUNDING_STEPS:-2400} STAGE2_STEPS=${STAGE2_STEPS:-800}
+    GROUNDING_STEPS=${GROUNDING_STEPS:-3600} STAGE2_STEPS=${STAGE2_STEPS:-800}
 else
     GROUNDING_STEPS=${GROUNDING_STEPS:-1200} STAGE2_STEPS=${STAGE2_STEPS:-600}
 fi
