@@ -18,8 +18,8 @@ The quickstart, the MLLM learning test and ``bench/mllm_cloc_vs_clip.py`` train 
 - **Conversations** (:data:`CONVERSATION_OPTIONS`, ``train_conv.json``): grounding and referring questions, at most
   two per conversation, of either task in either order (with the question before the image, the image tokens attend
   to the first question; a second turn teaches follow-ups, such as the demo's "Where is ...?" after "What is
-  [region0]?"; docs/benchmarks.md, sixth and seventh rounds). No conversation asks twice about one object (a one-
-  object scene's two questions are two conversations), so no answer can be copied from an earlier turn (eighth
+  [region0]?"; docs/benchmarks.md, sixth and seventh rounds). No conversation asks twice about one object (the two
+  questions of a one-object scene are two conversations), so no answer can be copied from an earlier turn (eighth
   round). Grounding is asked half in the project's words and a sixth each in Ferret's, LLaVA-1.5's and lmms-eval's
   (:data:`GROUNDING_WORDINGS`), referring half in ours and a quarter each in Ferret's and LLaVA-1.5's
   (:data:`REFERRING_WORDINGS`), with floats where a prompt asks for them, so that other harnesses' prompts get a box
