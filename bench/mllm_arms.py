@@ -38,7 +38,7 @@ from mllm import CLOCVisionTower
 from train.cloc.config import load_config
 from train.cloc.pretrain import train_cloc
 from train.mllm.config import load_mllm_config
-from train.mllm.stages import TINY_STAGE1, TINY_STAGE2, TINY_STAGE2_GROUNDING
+from train.mllm.stages import TINY_STAGE1, TINY_STAGE2, TINY_STAGE2_GROUNDING, start_overrides
 from train.mllm.train import MLLMTrainResult, train_mllm
 from train.mllm.trainable import unwrap
 
@@ -181,14 +181,11 @@ def train_arm(
     tower_path = f"vision_tower={tower}"
     paths1 = [f"train_data={conversations}", tower_path, f"output_dir={out / 'stage1'}"]
     stage1 = train_mllm(load_mllm_config(recipe.stage1_config, recipe.stage(1, seed, arm, paths1)).validate())
-    projector = f"pretrain_mm_projector={stage1.mm_projector}"
-    start = [tower_path, projector, "model_path=null"]
+    start = start_overrides(tower, stage1)
     if grounding is not None and recipe.grounding_steps != 0:
         paths = [f"train_data={grounding}", *start, f"output_dir={out / 'stage2_grounding'}"]
         config = load_mllm_config(recipe.stage2_grounding_config, recipe.stage(2, seed, arm, paths, grounding=True))
-        first = train_mllm(config.validate())
-        model = first.checkpoint or first.output_dir
-        start = ["vision_tower=null", "pretrain_mm_projector=null", f"model_path={model}"]
+        start = start_overrides(tower, stage1, train_mllm(config.validate()))
     paths2 = [f"train_data={conversations}", *start, f"output_dir={out / 'stage2'}"]
     stage2 = train_mllm(load_mllm_config(recipe.stage2_config, recipe.stage(2, seed, arm, paths2)).validate())
     return stage1, stage2

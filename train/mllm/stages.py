@@ -44,6 +44,18 @@ class StageRuns:
         return sum(run.elapsed_s for run in runs if run is not None)
 
 
+def start_overrides(
+    vision_tower: str | os.PathLike[str] | None, stage1: MLLMTrainResult, previous: MLLMTrainResult | None = None
+) -> list[str]:
+    """Where a stage-2 run starts, as overrides: from ``previous`` (an earlier stage-2 phase: its final checkpoint,
+    a whole model with tower, projectors, LLM and tokenizer), or else from ``vision_tower`` plus ``stage1``'s
+    projector file (which carries any tower part stage 1 tuned)."""
+    if previous is not None:
+        model = previous.checkpoint or previous.output_dir
+        return ["vision_tower=null", "pretrain_mm_projector=null", f"model_path={model}"]
+    return [f"vision_tower={vision_tower or 'null'}", f"pretrain_mm_projector={stage1.mm_projector}", "model_path=null"]
+
+
 def train_stages(
     train_data: str | os.PathLike[str],
     vision_tower: str | os.PathLike[str] | None,
@@ -71,28 +83,25 @@ def train_stages(
     stage1 = train_mllm(
         load_mllm_config(stage1_config, [*common, f"output_dir={out / 'stage1'}", *stage1_overrides]).validate()
     )
-    projector = f"pretrain_mm_projector={stage1.mm_projector}"
-    if grounding_data is None:
-        start, grounding = [tower, projector, "model_path=null"], None
-    else:
+    grounding = None
+    if grounding_data is not None:
         grounding = train_mllm(
             load_mllm_config(
                 stage2_grounding_config,
                 [
                     *common,
                     f"train_data={grounding_data}",
-                    projector,
+                    *start_overrides(vision_tower, stage1),
                     f"output_dir={out / 'stage2_grounding'}",
                     *stage2_grounding_overrides,
                 ],
             ).validate()
         )
-        model = grounding.checkpoint or grounding.output_dir
-        start = ["vision_tower=null", "pretrain_mm_projector=null", f"model_path={model}"]
+    start = start_overrides(vision_tower, stage1, grounding)
     stage2 = train_mllm(
         load_mllm_config(stage2_config, [*common, *start, f"output_dir={out / 'stage2'}", *stage2_overrides]).validate()
     )
     return StageRuns(stage1, grounding, stage2)
 
 
-__all__ = ["TINY_STAGE1", "TINY_STAGE2", "TINY_STAGE2_GROUNDING", "StageRuns", "train_stages"]
+__all__ = ["TINY_STAGE1", "TINY_STAGE2", "TINY_STAGE2_GROUNDING", "StageRuns", "start_overrides", "train_stages"]
