@@ -2,12 +2,12 @@
 # The main job on the embedded default (no downloads beyond PyPI): set up, generate the synthetic world, pretrain a
 # tiny CLOC encoder on it, train a CLOC-LLaVA on that encoder (stage 1, then stage 2 in two phases: grounding
 # questions alone, then the mixed conversations), and print held-out grounding and referring accuracy.
-#   bash scripts/quickstart.sh          # default run: stage 2 = 1200 grounding + 600 mixed steps (about 22
+#   bash scripts/quickstart.sh          # default run: stage 2 = 1000 grounding + 400 mixed steps (about 16
 #                                       # minutes on this project's idle 2-core machine, setup included)
 #   bash scripts/quickstart.sh --long   # stage 2 = 3600 grounding + 800 mixed steps; after a default run it
-#                                       # continues that run's grounding phase from step 1200, then redoes the mixed one
-#                                       # (about 25 more minutes)
-# Times and held-out grounding: README.md and docs/benchmarks.md ("eleventh round").
+#                                       # continues that run's grounding phase from step 1000, then redoes the mixed one
+#                                       # (about 20 more minutes)
+# Times and held-out grounding: README.md and docs/benchmarks.md ("twelfth round").
 # Step counts can be set one by one: CLOC_STEPS=... STAGE1_STEPS=... GROUNDING_STEPS=... STAGE2_STEPS=... bash
 # scripts/quickstart.sh; RUNS=DIR puts the world and the runs under DIR instead of runs/.
 # Re-running continues each stage from its last checkpoint; a stage whose input changed (a longer CLOC run, say)
@@ -26,7 +26,7 @@ CLOC_STEPS=${CLOC_STEPS:-450} STAGE1_STEPS=${STAGE1_STEPS:-100}
 if [ "$LONG" = 1 ]; then
     GROUNDING_STEPS=${GROUNDING_STEPS:-3600} STAGE2_STEPS=${STAGE2_STEPS:-800}
 else
-    GROUNDING_STEPS=${GROUNDING_STEPS:-1200} STAGE2_STEPS=${STAGE2_STEPS:-600}
+    GROUNDING_STEPS=${GROUNDING_STEPS:-1000} STAGE2_STEPS=${STAGE2_STEPS:-400}
 fi
 PY=.venv/bin/python
 RUNS=${RUNS:-runs}

@@ -151,6 +151,24 @@ def test_config_validation_and_model_override_keys():
         check_model_overrides({"vision_config": {"image_sise": 32}}, reference)
 
 
+def test_attention_implementation_is_the_configs_and_gives_the_same_features(world, tmp_path):
+    from train.cloc.build import build_model
+
+    tokenizer = tiny_tokenizer(world)
+    pixels = torch.randn(2, 3, TINY_MODEL["vision_config"]["image_size"], TINY_MODEL["vision_config"]["image_size"])
+    features = {}
+    for attn in ("sdpa", "eager"):
+        config = tiny_config(world, tmp_path / attn, attn_implementation=attn).validate()
+        model = build_model(config, tokenizer).eval()
+        assert model.config.vision_config._attn_implementation == attn
+        assert model.config.text_config._attn_implementation == attn
+        with torch.no_grad():
+            features[attn] = model.vision_model(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(features["eager"], features["sdpa"], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ConfigError, match="'attn_implementation' must be one of"):
+        tiny_config(world, tmp_path, attn_implementation="flash").validate()
+
+
 def test_deepspeed_config_is_filled_from_train_config(tmp_path):
     config = CLOCTrainConfig(train_data="x", batch_size=4, gradient_accumulation_steps=2, grad_clip=None)
     config.precision = "bf16"

@@ -18,6 +18,7 @@ from cloc_encoder.data.format import RegionTextRecord
 from cloc_encoder.distributed import DistributedContext
 from cloc_encoder.factory import build_cloc_model, load_from_clip, preset_config
 from cloc_encoder.tokenization import train_caption_tokenizer
+from mllm.loading import resolve_attn_implementation
 from train.cloc.config import CLOCTrainConfig
 from train.config import ConfigError
 from train.schedule import lr_factor
@@ -110,6 +111,7 @@ def build_model(config: CLOCTrainConfig, tokenizer: PreTrainedTokenizerBase) -> 
         check_model_overrides(overrides, preset_config(config.preset))
         model = build_cloc_model(config.preset, tokenizer, **overrides)
     model.config.max_regions_per_image = config.max_regions_per_image
+    model.set_attn_implementation(resolve_attn_implementation(config.attn_implementation))
     vocab = model.config.text_config.vocab_size
     if len(tokenizer) > vocab:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the text tower's vocab_size is {vocab}")

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
+from mllm.loading import ATTN_IMPLEMENTATIONS
 from train.config import ConfigError, load_train_config
 
 
@@ -48,6 +49,9 @@ class CLOCTrainConfig:
     """A local CLIP/SigLIP checkpoint folder (towers loaded, prompter new) or a CLOC folder (everything loaded)."""
     model_overrides: dict[str, Any] = field(default_factory=dict)
     """CLOCConfig fields, e.g. ``{"prompter_pool": "all", "vision_config": {"image_size": 32}}``."""
+    attn_implementation: str = "sdpa"
+    """The towers' attention: ``sdpa``, ``eager``, ``flash_attention_2`` (CUDA + flash_attn) or ``auto``
+    (:func:`mllm.loading.resolve_attn_implementation`)."""
 
     # tokenizer
     tokenizer: str | None = None
@@ -119,6 +123,11 @@ class CLOCTrainConfig:
             raise ConfigError(f"config key 'max_skipped_fraction' must be in [0, 1], got {self.max_skipped_fraction}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError(f"config key 'max_minutes' must be > 0, got {self.max_minutes}")
+        if self.attn_implementation not in (*ATTN_IMPLEMENTATIONS, "auto"):
+            raise ConfigError(
+                f"config key 'attn_implementation' must be one of {(*ATTN_IMPLEMENTATIONS, 'auto')}, "
+                f"got {self.attn_implementation!r}"
+            )
         if self.max_text_length is not None and self.max_text_length < 2:
             raise ConfigError(f"config key 'max_text_length' must be >= 2, got {self.max_text_length}")
         return self
