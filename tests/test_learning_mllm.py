@@ -28,7 +28,7 @@ from train.mllm.stages import train_stages
 from train.mllm.synthetic_data import build_training_data
 
 STAGE1_STEPS = 100
-STAGE2_GROUNDING_STEPS = 800  # the quickstart's 1200 + 600, cut to a CI's time
+STAGE2_GROUNDING_STEPS = 800  # the quickstart's 1000 + 400, cut to a CI's time
 STAGE2_STEPS = 400
 
 
