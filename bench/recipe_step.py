@@ -14,7 +14,8 @@ questions/s to the first variant measured in the same run.
 ``--data`` is a folder of ``train.mllm.synthetic_data`` (its ``train.jsonl`` scenes); the conversations of each
 layout are written under ``--out``. ``--bf16`` adds each layout under CPU bf16 autocast: fast only on CPUs with
 native bf16 matrix units (AMX / AVX512-BF16), much slower elsewhere. ``--attn`` times each variant under each
-attention implementation (``attn_implementation``, in the order given; the ratio is against the first variant).
+attention implementation (``attn_implementation``, in the order given). Two ratios of questions/s: against the
+first row, and against the first row of the same layout (what a precision or attention kernel changes).
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 # The main job on the embedded default (no downloads beyond PyPI): set up, generate the synthetic world, pretrain a
 # tiny CLOC encoder on it, train a CLOC-LLaVA on that encoder (stage 1, then stage 2 in two phases: grounding
 # questions alone, then the mixed conversations), and print held-out grounding and referring accuracy.
-#   bash scripts/quickstart.sh          # default run: stage 2 = 1000 grounding + 400 mixed steps (about 16
-#                                       # minutes on this project's idle 2-core machine, setup included)
+#   bash scripts/quickstart.sh          # default run: stage 2 = 1000 grounding + 400 mixed steps (about 19
+#                                       # minutes on this project's 2-core machine, setup included)
 #   bash scripts/quickstart.sh --long   # stage 2 = 3600 grounding + 800 mixed steps; after a default run it
 #                                       # continues that run's grounding phase from step 1000, then redoes the mixed one
-#                                       # (about 20 more minutes)
+#                                       # (about 25 more minutes)
 # Times and held-out grounding: README.md and docs/benchmarks.md ("twelfth round").
 # Step counts can be set one by one: CLOC_STEPS=... STAGE1_STEPS=... GROUNDING_STEPS=... STAGE2_STEPS=... bash
 # scripts/quickstart.sh; RUNS=DIR puts the world and the runs under DIR instead of runs/.
