@@ -89,7 +89,8 @@ class Timing:
 
     name: str
     questions_per_conversation: float
-    layout: str = ""
+    layout: str
+    """The layout's name (rows of one layout share a baseline)."""
     step_s: list[float] = field(default_factory=list)
     questions_per_s: list[float] = field(default_factory=list)
 
