@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Create .venv and install the project with its pinned dependencies (PyPI only).
 #   bash scripts/setup.sh         # what the main job, the demo and the evaluations need (requirements.txt;
-#                                 # about 1 minute on a fresh machine, what scripts/quickstart.sh runs)
+#                                 # what scripts/quickstart.sh runs)
 #   bash scripts/setup.sh --dev   # and the development set: pytest, ruff, lmms-eval, Playwright, VESL's Ray
-#                                 # (requirements-dev.txt; about a minute more; what the tests need)
+#                                 # (requirements-dev.txt; what the tests need)
+# Into a new venv the first took 125 s and the second 182 s on a busy 2-core machine (docs/benchmarks.md,
+# "thirteenth round").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REQUIREMENTS=requirements.txt
