@@ -17,6 +17,8 @@ from mllm.chat_template import VICUNA_V1_CHAT_TEMPLATE
 IMAGE_TOKEN = "<image>"
 REGION_TOKEN = "<region>"
 CHAT_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN, REGION_TOKEN)  # ids 0..5
+CHAT_SPECIAL_TOKENS_MAP = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+"""The roles of :func:`train_chat_tokenizer`'s special tokens (the chat template's ``eos_token`` and the rest)."""
 
 
 def train_chat_tokenizer(
@@ -46,10 +48,7 @@ def train_chat_tokenizer(
     )
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
+        **CHAT_SPECIAL_TOKENS_MAP,
         extra_special_tokens={"image_token": IMAGE_TOKEN, "region_token": REGION_TOKEN},
         model_max_length=model_max_length,
         padding_side="right",
@@ -76,4 +75,11 @@ def add_mllm_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     }
 
 
-__all__ = ["CHAT_SPECIAL_TOKENS", "IMAGE_TOKEN", "REGION_TOKEN", "add_mllm_tokens", "train_chat_tokenizer"]
+__all__ = [
+    "CHAT_SPECIAL_TOKENS",
+    "CHAT_SPECIAL_TOKENS_MAP",
+    "IMAGE_TOKEN",
+    "REGION_TOKEN",
+    "add_mllm_tokens",
+    "train_chat_tokenizer",
+]

@@ -49,9 +49,10 @@ start_stage() {
     echo "$2" > "$1/inputs"
 }
 latest() { echo "$1/$(cat "$1/latest")"; }
-# The recipe's fingerprint: a run trained with other configs or conversations starts over instead of resuming.
+# The recipe's fingerprint: a run trained with other configs, data or tokenizer starts over instead of resuming.
 RECIPE=$(cat train/configs/mllm_tiny_stage1.yaml train/configs/mllm_tiny_stage2_grounding.yaml \
-    train/configs/mllm_tiny_stage2.yaml train/mllm/synthetic_data.py | sha256sum | cut -c1-16)
+    train/configs/mllm_tiny_stage2.yaml train/mllm/synthetic_data.py train/mllm/build.py mllm/tokenization.py \
+    | sha256sum | cut -c1-16)
 
 bash scripts/setup.sh
 $PY -m cloc_encoder.data.synthetic --out "$WORLD" --train 2000 --val 200 --test 200

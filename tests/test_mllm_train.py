@@ -514,3 +514,32 @@ def test_model_path_runs_warn_only_about_overrides_the_model_does_not_hold():
     assert differing_overrides(config, {"vision_feature_layer": -2, "text_config": {"hidden_size": 64}}) == []
     changed = {"vision_feature_layer": -1, "text_config": {"hidden_size": 64, "num_hidden_layers": 4}, "unknown": 1}
     assert differing_overrides(config, changed) == ["vision_feature_layer", "text_config.num_hidden_layers", "unknown"]
+
+
+def test_tiny_tokenizer_is_trained_on_the_rendered_conversations():
+    """The tiny BPE learns what the model reads: the chat template's role markers become one or two tokens (they
+    were 5 and 11 when it was trained on the turn texts alone), every rendered conversation is in the corpus, and a
+    conversation the template rejects is left out of it instead of failing the run."""
+    from mllm.chat_template import INSTRUCTION_FIRST_CHAT_TEMPLATE
+    from mllm.tiny import TINY_CORPUS
+    from mllm.tokenization import train_chat_tokenizer
+    from train.mllm.build import training_texts
+    from train.mllm.conversations import parse_conversation
+
+    def record(index: int, turns: int = 1) -> object:
+        colour = ("red", "green", "blue")[index % 3]
+        conversation = []
+        for turn in range(turns):
+            question = f"Where is the {colour} circle?" if turn else f"<image>\nWhere is the {colour} circle?"
+            conversation += [{"from": "human", "value": question}, {"from": "gpt", "value": f"[{index}, 2, 30, 40]"}]
+        return parse_conversation({"id": index, "image": "a.png", "conversations": conversation})
+
+    records = [record(i) for i in range(300)]
+    texts = training_texts(records, INSTRUCTION_FIRST_CHAT_TEMPLATE)
+    assert "USER: Where is the red circle?\n<image> ASSISTANT: [0, 2, 30, 40]</s>" in texts
+    tokenizer = train_chat_tokenizer(texts, vocab_size=320)
+    assert len(tokenizer("USER:", add_special_tokens=False)["input_ids"]) <= 2
+    assert len(tokenizer(" ASSISTANT:", add_special_tokens=False)["input_ids"]) <= 2
+
+    one_turn_only = "{%- if messages | length > 2 -%}{{ raise_exception('one turn only') }}{%- endif -%}ok"
+    assert training_texts([record(0), record(1, turns=2)], one_turn_only)[len(TINY_CORPUS) :] == ["ok"]
