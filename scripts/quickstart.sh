@@ -7,7 +7,7 @@
 #   bash scripts/quickstart.sh --long   # stage 2 = 3600 grounding + 800 mixed steps; after a default run it
 #                                       # continues that run's grounding phase from step 1000, then redoes the mixed one
 #                                       # (25-30 more minutes)
-# Times and held-out grounding: README.md and docs/benchmarks.md ("twelfth round").
+# Times and held-out grounding: README.md and docs/benchmarks.md ("twelfth" and "fourteenth round").
 # Step counts can be set one by one: CLOC_STEPS=... STAGE1_STEPS=... GROUNDING_STEPS=... STAGE2_STEPS=... bash
 # scripts/quickstart.sh; RUNS=DIR puts the world and the runs under DIR instead of runs/.
 # Re-running continues each stage from its last checkpoint; a stage whose input changed (a longer CLOC run, say)
