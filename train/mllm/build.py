@@ -134,7 +134,7 @@ def build_tokenizer(
         source = saved
     if source is None:
         if context.is_main:
-            logger.info("training a %d-token chat BPE on the training texts", config.tokenizer_vocab_size)
+            logger.info("training a %d-token chat BPE on the rendered conversations", config.tokenizer_vocab_size)
             template = _template_text(config) or VICUNA_V1_CHAT_TEMPLATE  # train_chat_tokenizer's default
             texts = training_texts(records, template)
             trained = train_chat_tokenizer(texts, config.tokenizer_vocab_size, config.max_length)
