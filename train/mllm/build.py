@@ -76,8 +76,9 @@ def _projector_tokenizer(config: MLLMTrainConfig) -> Path | None:
 def training_texts(records: Sequence[ConversationRecord], chat_template: str) -> list[str]:
     """The tiny tokenizer's training corpus: the tiny corpus of chat and box text, then every conversation as
     ``chat_template`` renders it, so that the BPE learns what the model reads as often as it reads it: role markers
-    (``USER:`` 5 tokens → 1, `` ASSISTANT:`` 11 → 2 on the synthetic world), the default system prompt (127 → 29),
-    the questions and replies. A conversation the template rejects is left out here (training reports it)."""
+    (on the synthetic world, ``instruction_first``: ``USER:`` 5 tokens → 1, `` ASSISTANT:`` 11 → 2), Vicuna's
+    system prompt (``vicuna_v1``: 28 tokens; 127 without it in the corpus), the questions and replies. A
+    conversation the template rejects is left out here (training reports it)."""
     texts = list(TINY_CORPUS)
     for record in records:
         try:
